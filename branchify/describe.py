@@ -1,0 +1,103 @@
+"""A readable summary of a branched model: the tree, parameters and FLOPs per leaf."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+if TYPE_CHECKING:
+    from .model import BranchedModel
+
+
+def _fmt(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _example_inputs(model: "BranchedModel", example_inputs: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    if example_inputs or kwargs:
+        return example_inputs, kwargs
+    if model._example is None:
+        raise ValueError("describe() needs an example input for FLOPs: call model.describe(x) or run "
+                         "one forward first")
+    device = next(model.parameters()).device
+    made = {}
+    for name, shape, dtype in model._example:
+        made[name] = (torch.randint(0, 2, shape, device=device) if not dtype.is_floating_point
+                      else torch.randn(shape, dtype=dtype, device=device))
+    args = tuple(made[n] for n, _, _ in model._model_inputs if n in made)
+    return args, {}
+
+
+def segment_flops(model: "BranchedModel", *example_inputs: Any, **kwargs: Any) -> dict[str, int]:
+    """Forward FLOPs of every segment (``trunk``, ``b0``...), counted with torch's FlopCounter."""
+    args, kwargs = _example_inputs(model, example_inputs, kwargs)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(*args, **kwargs)
+    finally:
+        model.train(was_training)
+    counts = counter.get_flop_counts()
+    out = {}
+    for key in model.segments:
+        for name, per_op in counts.items():
+            if name.endswith(f"segments.{key}"):
+                out[key] = int(sum(per_op.values()))
+        out.setdefault(key, 0)
+    return out
+
+
+def describe(model: "BranchedModel", *example_inputs: Any, **kwargs: Any) -> str:
+    """The tree, then a table of parameters and forward FLOPs per leaf and in total.
+
+    The leaf row counts the segments on its root-to-leaf path (what ``export(leaf)`` deploys).
+    "Training cost" is the whole tree's forward FLOPs over the target leaf's: roughly what a
+    training step costs relative to training the original model alone.
+
+    Example:
+        >>> print(bm.describe(torch.randn(2, 3, 32, 32), print_fn=None))   # doctest: +SKIP
+    """
+    from .model import _key
+
+    flops = segment_flops(model, *example_inputs, **kwargs)
+    params = {k: sum(p.numel() for p in seg.parameters()) for k, seg in model.segments.items()}
+    spec = model.spec
+    lines = [f"BranchedModel: {spec.num_leaves} leaves, splits {spec.splits}, fanout {spec.fanout}"
+             + (f", deepen {spec.deepen}" if spec.deepen else ""),
+             f"replica init: {model.init_used}", "tree:"]
+    g = spec.graph()
+
+    def walk(path: tuple[int, ...], indent: str) -> None:
+        node = g.nodes[path]
+        label = "trunk (shared)" if not path else f"{_key(path)}  [after {node['split']}]"
+        if "leaf" in node:
+            label += f"  -> leaf {node['leaf']}" + ("  (target)" if node["leaf"] == spec.target else "")
+        lines.append(f"{indent}{label}  params {_fmt(params[_key(path)])}  FLOPs {_fmt(flops[_key(path)])}")
+        for child in sorted(g.successors(path)):
+            walk(child, indent + "  ")
+
+    walk((), "  ")
+    lines.append("")
+    lines.append(f"{'leaf':>6} {'path':<14} {'params':>10} {'FLOPs':>10}")
+    target_flops = 0
+    for i, path in enumerate(model.leaf_paths):
+        keys = [_key(path[:d]) for d in range(len(path) + 1)]
+        p = sum(params[k] for k in keys)
+        f = sum(flops[k] for k in keys)
+        if i == spec.target:
+            target_flops = f
+        lines.append(f"{i:>6} {str(path):<14} {_fmt(p):>10} {_fmt(f):>10}" + ("  target" if i == spec.target else ""))
+    total_p = sum(params.values())
+    total_f = sum(flops.values())
+    agg_p = sum(p.numel() for p in model.aggregator.parameters()) if model.aggregator is not None else 0
+    lines.append(f"{'total':>6} {'':<14} {_fmt(total_p + agg_p):>10} {_fmt(total_f):>10}"
+                 + (f"  (aggregator {_fmt(agg_p)} params)" if agg_p else ""))
+    if target_flops:
+        lines.append(f"training cost vs the original model: {total_f / target_flops:.2f}x forward FLOPs; "
+                     f"deployed leaf costs 1.00x")
+    return "\n".join(lines)
