@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from . import aggregators, methods, metrics, schedules
+from .loss import LossOutput, OnlineKD
+from .methods import available_methods, method
 from .model import BranchedModel, branchify
 from .outputs import BranchedOutput
 from .spec import INPUT, Spec, SpecError
@@ -39,5 +42,6 @@ def split_points(model: nn.Module, tracer: Tracer | None = None, max_depth: int 
     return points
 
 
-__all__ = ["BranchedModel", "BranchedOutput", "INPUT", "Spec", "SpecError", "Tracer", "TraceError",
-           "branchify", "split_points", "trace"]
+__all__ = ["BranchedModel", "BranchedOutput", "INPUT", "LossOutput", "OnlineKD", "Spec", "SpecError",
+           "Tracer", "TraceError", "aggregators", "available_methods", "branchify", "method", "methods",
+           "metrics", "schedules", "split_points", "trace"]

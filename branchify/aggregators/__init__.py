@@ -1,0 +1,17 @@
+"""Aggregators: turn a branched forward into teacher targets (one module per method).
+
+Example:
+    >>> from branchify.aggregators import Gate, Mean, Pairwise
+    >>> Mean().detach, Gate().detach, Pairwise().detach
+    (True, True, True)
+"""
+from branchify.aggregators.accuracy_weighted import AccuracyWeighted
+from branchify.aggregators.base import Aggregator, AggregatorError, KDTerm, Targets
+from branchify.aggregators.gate import Gate
+from branchify.aggregators.hierarchical_ta import HierarchicalTA
+from branchify.aggregators.mean import Mean
+from branchify.aggregators.pairwise import Pairwise
+from branchify.aggregators.peer_attention import PeerAttention
+
+__all__ = ["AccuracyWeighted", "Aggregator", "AggregatorError", "Gate", "HierarchicalTA", "KDTerm", "Mean",
+           "Pairwise", "PeerAttention", "Targets"]

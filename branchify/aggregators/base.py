@@ -1,0 +1,191 @@
+"""What an aggregator returns, and the base class every aggregator derives from.
+
+An aggregator turns one :class:`~branchify.outputs.BranchedOutput` into *teacher targets*:
+a list of :class:`KDTerm` (one soft-target distillation term each) and a dict of extra
+logits that get their own cross-entropy with the labels (ONE's gated teacher, AHBF's
+teacher assistants). :class:`~branchify.loss.OnlineKD` turns the targets into a loss; the
+aggregator never sees labels, temperatures or epochs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from branchify.outputs import BranchedOutput
+
+
+@dataclass
+class KDTerm:
+    """One distillation term: ``weight * T^2 * KL(teacher || student)`` at the loss's temperature.
+
+    Args:
+        name: label used in the loss parts (``"kd/<name>"``), e.g. ``"leaf1"`` or ``"leaf0<-leaf2"``.
+        teacher: teacher *logits* ``[B, ..., C]``, softened by the loss with its temperature.
+            When ``teacher_log_weights`` is given, ``teacher`` instead stacks K component logits
+            along a new dim 0 (``[K, B, ..., C]``) and the teacher distribution is the mixture
+            ``sum_k exp(teacher_log_weights[k]) * softmax(teacher[k] / T)``. This is how a teacher
+            that averages *probabilities* (MD's accuracy-weighted soft labels, OKDDip's
+            probability-space targets) is expressed without the aggregator knowing T; the loss
+            evaluates it in log space (``logsumexp``), so nothing is ever ``log(0)``.
+        student: student logits ``[B, ..., C]``.
+        weight: multiplies this term (e.g. ``1/(K-1)`` in pairwise DML, ``lambda1`` in AHBF).
+        detach: ``True`` treats the teacher (and its mixture weights) as a constant, ``False``
+            lets gradient flow into it, ``None`` follows the loss's default (detached).
+        teacher_log_weights: optional log mixture weights, shape ``[K]`` or ``[K, B, ...]``
+            (the teacher's shape without the class dim); must be normalised (logsumexp = 0).
+
+    Example:
+        >>> z = torch.randn(4, 10)
+        >>> term = KDTerm("leaf0", teacher=z.mean(0, keepdim=True).expand(4, 10), student=z)
+        >>> term.is_mixture
+        False
+    """
+
+    name: str
+    teacher: torch.Tensor
+    student: torch.Tensor
+    weight: float = 1.0
+    detach: bool | None = None
+    teacher_log_weights: torch.Tensor | None = None
+
+    @property
+    def is_mixture(self) -> bool:
+        """Whether the teacher is a mixture of softened components (see ``teacher_log_weights``)."""
+        return self.teacher_log_weights is not None
+
+
+@dataclass
+class Targets:
+    """Everything an aggregator produces for one batch.
+
+    Args:
+        kd: distillation terms.
+        ce: name -> extra logits that get a cross-entropy with the labels (for example
+            ``{"teacher": z_e}`` for ONE). Logged as ``"ce/<name>"``.
+
+    Example:
+        >>> Targets(kd=[], ce={})
+        Targets(kd=[], ce={})
+    """
+
+    kd: list[KDTerm] = field(default_factory=list)
+    ce: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class AggregatorError(ValueError):
+    """An aggregator cannot be built or bound: names the missing size or the wrong input."""
+
+
+class Aggregator(nn.Module):
+    """Base class: ``forward(out) -> Targets`` plus :meth:`bind` to size layers from a model.
+
+    Subclasses with layers build them in :meth:`_build` once every size is known, either
+    from constructor arguments or, in :meth:`bind`, from the branched model's metadata
+    (``num_leaves``, ``cut_channels()``, ``feature_dim``, ``feature_map_channels``,
+    ``spec.target``). :class:`~branchify.loss.OnlineKD` calls :meth:`bind` and then assigns the
+    aggregator to ``model.aggregator`` so its parameters train with the model; ``export()``
+    drops them.
+
+    Attributes:
+        detach: the default detach rule of this aggregator's KD terms (each subclass
+            documents its method's choice); ``OnlineKD(detach=...)`` overrides it.
+    """
+
+    detach: bool
+
+    def __init__(self, detach: bool) -> None:
+        super().__init__()
+        self.detach = bool(detach)
+        self.num_leaves: int | None = None
+
+    # ------------------------------------------------------------------ binding
+    def bind(self, model: Any) -> "Aggregator":
+        """Take sizes the constructor did not fix from ``model`` and build the layers.
+
+        Calling it again with a model of the same shape is a no-op; a model whose leaf count
+        differs from an already built aggregator is an error.
+        """
+        k = _model_attr(model, "num_leaves")
+        if k is not None:
+            k = int(k)
+            if self.num_leaves is not None and self.num_leaves != k:
+                raise AggregatorError(
+                    f"{type(self).__name__} was built for {self.num_leaves} leaves but the model has "
+                    f"{k}; create a new aggregator for this model")
+            self.num_leaves = k
+        self._bind_sizes(model)
+        self._build_if_ready()
+        return self
+
+    def _bind_sizes(self, model: Any) -> None:
+        """Hook: read sizes this aggregator needs from ``model`` (default: nothing)."""
+
+    def _build_if_ready(self) -> None:
+        """Hook: create layers once all sizes are known (default: no layers)."""
+
+    def _check_leaves(self, out: BranchedOutput, minimum: int = 1) -> int:
+        k = out.num_leaves
+        if self.num_leaves is not None and k != self.num_leaves:
+            raise AggregatorError(f"{type(self).__name__} is bound to {self.num_leaves} leaves but the "
+                                  f"output has {k}")
+        if k < minimum:
+            raise AggregatorError(f"{type(self).__name__} needs at least {minimum} leaves, the output has {k}")
+        return k
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype inputs are cast to before :meth:`forward` (that of the parameters, else fp32)."""
+        for p in self.parameters():
+            return p.dtype
+        return torch.float32
+
+    def forward(self, out: BranchedOutput) -> Targets:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(out) -> Targets")
+
+
+def _model_attr(model: Any, name: str, *args: Any) -> Any:
+    """``model.<name>`` (called with ``args`` when callable), or ``None`` when it is missing."""
+    value = getattr(model, name, None)
+    if callable(value) and not isinstance(value, nn.Module):
+        try:
+            return value(*args)
+        except (KeyError, ValueError, TypeError, AttributeError):
+            return None
+    return value
+
+
+def require_size(value: int | None, what: str, arg: str, owner: str) -> int:
+    """Return ``value`` or raise an error telling the user which constructor argument to pass."""
+    if value is None:
+        raise AggregatorError(
+            f"{owner} does not know {what}: the model did not report it. Pass {arg}=<int> to "
+            f"{owner}(...) (or bind it to a branched model that reports it)")
+    return int(value)
+
+
+def pool(x: torch.Tensor, channels: int | None = None) -> torch.Tensor:
+    """Average-pool an activation to ``[B, C]``.
+
+    ``[B, C]`` is returned as is. For 4-D and higher the channel dim is 1 (``[B, C, H, W]``,
+    global average pooling); for 3-D it is the last (``[B, L, C]`` token sequences, mean over
+    tokens). ``channels`` resolves the other layout when it does not match.
+
+    Example:
+        >>> pool(torch.ones(2, 8, 4, 4)).shape
+        torch.Size([2, 8])
+    """
+    if x.dim() == 2:
+        return x
+    if x.dim() < 2:
+        raise AggregatorError(f"cannot pool an activation of shape {tuple(x.shape)}; expected [B, C, ...]")
+    first = x.dim() != 3  # which layout to try first: channels-first unless [B, L, C]
+    for channels_first in (first, not first):
+        if channels_first and (channels is None or x.shape[1] == channels):
+            return x.flatten(2).mean(dim=2)
+        if not channels_first and (channels is None or x.shape[-1] == channels):
+            return x.flatten(1, -2).mean(dim=1)
+    raise AggregatorError(f"activation of shape {tuple(x.shape)} has no dim of size {channels} "
+                          f"(the channels the aggregator was built for)")

@@ -1,0 +1,79 @@
+"""ONE's gate: a learned, per-sample weighting of the leaves' logits."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from branchify.aggregators.base import (Aggregator, AggregatorError, KDTerm, Targets, _model_attr, pool,
+                                        require_size)
+from branchify.outputs import BranchedOutput
+
+
+def _per_sample(weight: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape per-sample weights ``[B]`` to broadcast against ``like`` (``[B, ..., C]``)."""
+    return weight.reshape(weight.shape[0], *([1] * (like.dim() - 1)))
+
+
+class Gate(Aggregator):
+    """ONE (Lan et al. 2018): gate on the shared trunk activation, teacher = gated sum of logits.
+
+    ``g = softmax(ReLU(BN1d(Linear(C -> K)(GAP(cuts[cut])))))`` and ``z_e = sum_k g_k z_k`` per
+    sample. Targets: ``CE(z_e)`` (named ``"teacher"``) and ``KL(p_e || p_k)`` for every leaf.
+
+    Default detach: ``True`` as in ONE's official code - the KD terms treat ``p_e`` as a
+    constant, so the gate learns only through ``CE(z_e)``. With ``detach=False`` (OKDDip's
+    ONE re-implementation) the gate also learns from the KD terms.
+
+    Args:
+        channels: channels of the gate's input (``model.cut_channels(cut)`` when bound).
+        num_leaves: number of leaves K (``model.num_leaves`` when bound).
+        cut: tree path of the activation the gate reads (``()`` = trunk output).
+        detach: default detach rule of the KD terms.
+
+    Example:
+        >>> from branchify.outputs import BranchedOutput
+        >>> gate = Gate(channels=16, num_leaves=3)
+        >>> out = BranchedOutput([torch.randn(4, 10) for _ in range(3)], [None] * 3, [None] * 3,
+        ...                      cuts={(): torch.randn(4, 16, 8, 8)})
+        >>> gate(out).ce["teacher"].shape
+        torch.Size([4, 10])
+    """
+
+    def __init__(self, channels: int | None = None, num_leaves: int | None = None, *,
+                 cut: tuple[int, ...] = (), detach: bool = True) -> None:
+        super().__init__(detach=detach)
+        self.channels = channels
+        self.num_leaves = num_leaves
+        self.cut = tuple(cut)
+        self.fc: nn.Linear | None = None
+        self.bn: nn.BatchNorm1d | None = None
+        self._build_if_ready()
+
+    def _bind_sizes(self, model) -> None:
+        if self.channels is None:
+            self.channels = _model_attr(model, "cut_channels", self.cut)
+
+    def _build_if_ready(self) -> None:
+        if self.fc is None and self.channels is not None and self.num_leaves is not None:
+            self.fc = nn.Linear(int(self.channels), int(self.num_leaves))
+            self.bn = nn.BatchNorm1d(int(self.num_leaves))
+
+    def gate_weights(self, out: BranchedOutput) -> torch.Tensor:
+        """Per-sample leaf weights ``g`` of shape ``[B, K]`` (rows sum to 1)."""
+        if self.fc is None or self.bn is None:
+            require_size(self.channels, f"the channels of cuts[{self.cut}]", "channels", "Gate")
+            require_size(self.num_leaves, "the number of leaves", "num_leaves", "Gate")
+        if self.cut not in out.cuts:
+            raise AggregatorError(f"Gate reads cuts[{self.cut}] but the output only has cuts "
+                                  f"{sorted(out.cuts)}; pass Gate(cut=<one of those>)")
+        h = pool(out.cuts[self.cut], self.channels)
+        return F.softmax(F.relu(self.bn(self.fc(h))), dim=1)
+
+    def forward(self, out: BranchedOutput) -> Targets:
+        self._check_leaves(out)
+        g = self.gate_weights(out)
+        teacher = sum(_per_sample(g[:, k], z) * z for k, z in enumerate(out.logits))
+        kd = [KDTerm(f"leaf{k}", teacher=teacher, student=z, detach=self.detach)
+              for k, z in enumerate(out.logits)]
+        return Targets(kd=kd, ce={"teacher": teacher})

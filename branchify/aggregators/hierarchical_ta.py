@@ -1,0 +1,110 @@
+"""AHBF-OKD's hierarchical teacher assistants: leaves fused one by one into a chain of TAs."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from branchify.aggregators.base import (Aggregator, AggregatorError, KDTerm, Targets, _model_attr,
+                                        require_size)
+from branchify.aggregators.gate import _per_sample
+from branchify.outputs import BranchedOutput
+
+
+class _Fusion(nn.Module):
+    """One AHBF fusion step: ``F~ = BN2d(Conv1x1(cat[F, F~prev]))`` and a 2-way gate on ``GAP(F~)``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2 * channels, channels, kernel_size=1, bias=True)
+        self.bn = nn.BatchNorm2d(channels)
+        self.fc = nn.Linear(channels, 2)
+        self.bn_gate = nn.BatchNorm1d(2)
+
+    def forward(self, feat: torch.Tensor, fused_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fused = self.bn(self.conv(torch.cat([feat, fused_prev], dim=1)))
+        s = F.softmax(F.relu(self.bn_gate(self.fc(fused.mean(dim=(2, 3))))), dim=1)
+        return fused, s
+
+
+class HierarchicalTA(Aggregator):
+    """AHBF-OKD (Gong et al. 2023): recursive teacher assistants over the leaves, in leaf order.
+
+    With ``F^m`` the feature map of leaf m before pooling (``out.feature_maps``) and leaves
+    numbered 0..M-1 (leaf 0 = the target, the shallowest in AHBF's tree):
+    ``TA(0) = leaf 0`` (``F~0 = F^0``, ``z_ta(0) = z_0``); for m >= 1
+    ``F~m = BN2d(Conv1x1(cat[F^m, F~(m-1)]))`` (2C -> C, no ReLU),
+    ``s^m = softmax(ReLU(BN1d(Linear(C -> 2)(GAP F~m))))`` and
+    ``z_ta(m) = s^m_1 z_m + s^m_2 z_ta(m-1)``.
+
+    Targets: ``CE(z_ta(m))`` for m >= 1 (named ``"ta{m}"``) and, for m >= 1,
+    ``lambda1 * KL(p_ta(m) || p_ta(m-1))`` (``"ta{m-1}<-ta{m}"``: the TA teaches the previous
+    TA) and ``lambda2 * KL(p_m || p_ta(m-1))`` (``"ta{m-1}<-leaf{m}"``: the deeper branch
+    teaches the previous TA). ``(lambda1, lambda2) = (4, 2)`` is the paper's best (its Table 4);
+    the authors' README uses ``(2, 4)``.
+
+    Default detach: ``False`` - the authors' code detaches nothing, and the fusion layers learn
+    through the KD terms as well as the TA cross-entropies.
+
+    Args:
+        channels: channels of the leaves' feature maps (``model.feature_map_channels``).
+        num_leaves: number of leaves M (``model.num_leaves``), at least 2.
+        lambdas: ``(lambda1, lambda2)``.
+        detach: default detach rule of the KD terms.
+
+    Example:
+        >>> from branchify.outputs import BranchedOutput
+        >>> ahbf = HierarchicalTA(channels=8, num_leaves=3)
+        >>> out = BranchedOutput([torch.randn(4, 10) for _ in range(3)], [None] * 3,
+        ...                      [torch.randn(4, 8, 2, 2) for _ in range(3)])
+        >>> sorted(ahbf(out).ce)
+        ['ta1', 'ta2']
+    """
+
+    def __init__(self, channels: int | None = None, num_leaves: int | None = None, *,
+                 lambdas: tuple[float, float] = (4.0, 2.0), detach: bool = False) -> None:
+        super().__init__(detach=detach)
+        if len(tuple(lambdas)) != 2:
+            raise AggregatorError(f"HierarchicalTA(lambdas={lambdas!r}) needs two numbers (lambda1, lambda2)")
+        self.channels = channels
+        self.num_leaves = num_leaves
+        self.lambdas = (float(lambdas[0]), float(lambdas[1]))
+        self.fusions: nn.ModuleList | None = None
+        self._build_if_ready()
+
+    def _bind_sizes(self, model) -> None:
+        if self.channels is None:
+            self.channels = _model_attr(model, "feature_map_channels")
+
+    def _build_if_ready(self) -> None:
+        if self.fusions is None and self.channels is not None and self.num_leaves is not None:
+            if self.num_leaves < 2:
+                raise AggregatorError(f"HierarchicalTA needs at least 2 leaves, got {self.num_leaves}")
+            self.fusions = nn.ModuleList(_Fusion(int(self.channels)) for _ in range(self.num_leaves - 1))
+
+    def forward(self, out: BranchedOutput) -> Targets:
+        m_leaves = self._check_leaves(out, minimum=2)
+        if self.fusions is None:
+            require_size(self.channels, "the channels of out.feature_maps", "channels", "HierarchicalTA")
+            require_size(self.num_leaves, "the number of leaves", "num_leaves", "HierarchicalTA")
+        maps = out.feature_maps
+        for m, f in enumerate(maps):
+            if f is None or f.dim() != 4:
+                shape = None if f is None else tuple(f.shape)
+                raise AggregatorError(
+                    f"HierarchicalTA fuses [B, C, H, W] feature maps but leaf {m} has {shape}; it needs a "
+                    f"model whose classifier pools a 4-D feature map (e.g. a CNN)")
+        l1, l2 = self.lambdas
+        assert self.fusions is not None
+        fused, z_ta = maps[0], out.logits[0]
+        kd: list[KDTerm] = []
+        ce: dict[str, torch.Tensor] = {}
+        for m in range(1, m_leaves):
+            fused, s = self.fusions[m - 1](maps[m], fused)
+            z_new = _per_sample(s[:, 0], out.logits[m]) * out.logits[m] + _per_sample(s[:, 1], z_ta) * z_ta
+            ce[f"ta{m}"] = z_new
+            kd.append(KDTerm(f"ta{m - 1}<-ta{m}", teacher=z_new, student=z_ta, weight=l1, detach=self.detach))
+            kd.append(KDTerm(f"ta{m - 1}<-leaf{m}", teacher=out.logits[m], student=z_ta, weight=l2,
+                             detach=self.detach))
+            z_ta = z_new
+        return Targets(kd=kd, ce=ce)
