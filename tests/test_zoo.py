@@ -15,6 +15,7 @@ CONFIGS = [(1, 28, 10), (3, 32, 100)]
 
 # Documented CIFAR-100 parameter counts (module docstrings and recipes/zoo/__init__.py).
 DOCUMENTED_CIFAR100_PARAMS = {
+    "resnet20": 278_324,
     "resnet32": 472_756,
     "resnet110": 1_736_564,
     "vgg16": 14_770_212,

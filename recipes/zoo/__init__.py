@@ -10,6 +10,7 @@ Parameter counts on CIFAR-100 (3 channels, 100 classes):
 ============== ============ =====================================================
 name           parameters   setting
 ============== ============ =====================================================
+resnet20          278,324   ResNet-20 (the CPU demo)
 resnet32          472,756   ResNet-32 (DML, ONE, CL-ILR, OKDDip, PCL)
 resnet110       1,736,564   ResNet-110, He et al.'s BasicBlock n=18
 vgg16          14,770,212   VGG-16 with BN, single linear classifier (OKDDip, PCL)
@@ -28,12 +29,13 @@ from torch import nn
 from ._common import count_parameters, init_weights
 from .densenet import DenseNet, densenet40_12
 from .mobilenetv2 import MobileNetV2, mobilenetv2
-from .resnet import CifarResNet, resnet32, resnet110
+from .resnet import CifarResNet, resnet20, resnet32, resnet110
 from .vgg import VGG, vgg16
 from .wrn import WideResNet, wrn, wrn_20_8
 
 #: Registry of the recipes' models; every factory takes ``num_classes`` and ``in_channels``.
 MODELS: dict[str, Callable[..., nn.Module]] = {
+    "resnet20": resnet20,
     "resnet32": resnet32,
     "resnet110": resnet110,
     "vgg16": vgg16,
@@ -76,6 +78,7 @@ __all__ = [
     "init_weights",
     "mobilenetv2",
     "resnet110",
+    "resnet20",
     "resnet32",
     "vgg16",
     "wrn",

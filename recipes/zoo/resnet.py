@@ -162,6 +162,16 @@ class CifarResNet(nn.Module):
         return self.fc(self.flatten(self.avgpool(x)))
 
 
+def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    """ResNet-20 (BasicBlock, n=3): 278,324 parameters on CIFAR-100; the CPU demo's model.
+
+    Example:
+        >>> resnet20(num_classes=10, in_channels=1)(torch.zeros(1, 1, 28, 28)).shape
+        torch.Size([1, 10])
+    """
+    return CifarResNet(20, num_classes=num_classes, in_channels=in_channels, block="basic")
+
+
 def resnet32(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     """ResNet-32 (BasicBlock, n=5): 472,756 parameters on CIFAR-100.
 

@@ -1,0 +1,214 @@
+"""Train one configuration (a baseline or any online-KD method) and report what was deployed.
+
+The loop is deliberately plain - the same few lines a user writes with branchify:
+``out = model(x); loss = okd(out, y); loss.total.backward()``. Metrics are computed on the full
+test set after each evaluated epoch: the target leaf's accuracy (what ``export()`` deploys),
+the ensemble of all leaves, every leaf, and the peers' diversity.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import branchify as bf
+from branchify.metrics import peer_diversity
+
+from .config import RunConfig
+from .data import fake_loaders, make_loaders
+from .zoo import build_model
+
+
+@dataclass
+class RunResult:
+    config: dict[str, Any]
+    target_acc: float
+    ensemble_acc: float
+    leaf_accs: list[float]
+    diversity: float
+    deployed_params: int
+    trained_params: int
+    train_seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    exported_path: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build(cfg: RunConfig, num_classes: int, in_channels: int):
+    """(trainable model, loss fn or None for the baseline, deployable-model getter)."""
+    net = build_model(cfg.model, num_classes=num_classes, in_channels=in_channels)
+    if cfg.method == "baseline":
+        return net, None, lambda: net
+    args = dict(cfg.method_args)
+    args.setdefault("model_fn", lambda: build_model(cfg.model, num_classes=num_classes, in_channels=in_channels))
+    model, okd = bf.method(cfg.method, net, **args)
+    return model, okd, model.export
+
+
+def _lr_lambda(cfg: RunConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    total = cfg.epochs * steps_per_epoch
+    if cfg.lr_schedule == "cosine":
+        return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    marks = [int(m * cfg.epochs) * steps_per_epoch for m in cfg.milestones]
+    return lambda step: cfg.gamma ** sum(step >= m for m in marks)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp: bool, target: int,
+             limit: int | None = None) -> dict[str, Any]:
+    """Accuracy of every leaf, the target, the ensemble, and peer diversity on a whole loader
+    (or its first ``limit`` images)."""
+    model.eval()
+    correct, ens_correct, div_sum, n = None, 0, 0.0, 0
+    for x, y in loader:
+        if limit is not None and n >= limit:
+            break
+        with _autocast(device, amp):
+            out = model(x)
+        logits = [z.float() for z in (out.logits if isinstance(out, bf.BranchedOutput) else [out])]
+        hits = torch.stack([(z.argmax(-1) == y).sum() for z in logits])
+        correct = hits if correct is None else correct + hits
+        probs = torch.stack([z.softmax(-1) for z in logits])
+        ens_correct += int((probs.mean(0).argmax(-1) == y).sum())
+        if len(logits) > 1:
+            div_sum += peer_diversity(logits) * len(y)
+        n += len(y)
+    leaf = (correct.float() / n * 100).tolist()
+    model.train()
+    return {"leaf_accs": leaf, "target_acc": leaf[target], "ensemble_acc": ens_correct / n * 100,
+            "diversity": div_sum / n}
+
+
+def _autocast(device: torch.device, amp: bool):
+    if amp:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train(cfg: RunConfig, *, progress: bool = True, log: Callable[[dict], None] | None = None,
+          export_dir: str | Path | None = None) -> RunResult:
+    """Train ``cfg`` and evaluate it; optionally save the exported target with safetensors.
+
+    Example:
+        >>> res = train(RunConfig(method="one", epochs=1, train_subset=500))   # doctest: +SKIP
+        >>> round(res.target_acc, 1)                                            # doctest: +SKIP
+    """
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if cfg.fake_data:
+        train_loader, test_loader, meta = fake_loaders(cfg.dataset, cfg.batch_size, cfg.fake_batches,
+                                                       device, cfg.seed, channels_last=cfg.channels_last)
+    else:
+        train_loader, test_loader, meta = make_loaders(
+            cfg.dataset, cfg.batch_size, device, train_subset=cfg.train_subset, seed=cfg.seed,
+            augment=cfg.augment, root=cfg.data_root, eval_batch_size=max(cfg.batch_size, 512),
+            channels_last=cfg.channels_last)
+    torch.manual_seed(cfg.seed)
+    model, okd, deployable = build(cfg, meta.num_classes, meta.in_channels)
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    target = model.spec.target if okd is not None else 0
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                          weight_decay=cfg.weight_decay)
+    steps = len(train_loader) if cfg.max_steps is None else min(cfg.max_steps, len(train_loader))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps))
+    bar = _progress(cfg.epochs * steps, f"{cfg.method}/{cfg.model}/seed{cfg.seed}", progress)
+    history, metrics, t0 = [], None, time.perf_counter()
+    model.train()
+    for epoch in range(cfg.epochs):
+        if okd is not None:
+            okd.set_epoch(epoch, cfg.epochs)
+        running, seen = 0.0, 0
+        for i, (x, y) in enumerate(train_loader):
+            if i >= steps:
+                break
+            with _autocast(device, cfg.amp):
+                out = model(x)
+            loss = okd(out, y).total if okd is not None else F.cross_entropy(out.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            running += float(loss.detach()) if i % 10 == 0 else 0.0
+            seen += 1 if i % 10 == 0 else 0
+            bar.update(1)
+        record = {"epoch": epoch + 1, "train_loss": running / max(seen, 1), "lr": sched.get_last_lr()[0],
+                  "elapsed_s": time.perf_counter() - t0}
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            metrics = evaluate(model, test_loader, device, cfg.amp, target, cfg.test_subset)
+            record.update(metrics)
+            bar.set_postfix(acc=f"{metrics['target_acc']:.2f}")
+        history.append(record)
+        if log is not None:
+            log({"method": cfg.method, "model": cfg.model, "seed": cfg.seed, **record})
+    train_seconds = time.perf_counter() - t0
+    bar.close()
+    deployed = deployable().eval()
+    exported_path = None
+    if export_dir is not None:
+        exported_path = str(save_exported(deployed, cfg, meta, export_dir))
+    return RunResult(config=cfg.to_dict(), target_acc=metrics["target_acc"], ensemble_acc=metrics["ensemble_acc"],
+                     leaf_accs=metrics["leaf_accs"], diversity=metrics["diversity"],
+                     deployed_params=sum(p.numel() for p in deployed.parameters()),
+                     trained_params=sum(p.numel() for p in model.parameters()),
+                     train_seconds=train_seconds, history=history, exported_path=exported_path)
+
+
+def save_exported(model: nn.Module, cfg: RunConfig, meta, directory: str | Path) -> Path:
+    """Save the deployed model as ``model.safetensors`` + ``model.json`` (how to rebuild it)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "model.safetensors"
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(path))
+    (directory / "model.json").write_text(json.dumps(
+        {"model": cfg.model, "num_classes": meta.num_classes, "in_channels": meta.in_channels,
+         "class": f"{type(model).__module__}.{type(model).__qualname__}", "method": cfg.method}, indent=2))
+    return path
+
+
+def load_exported(directory: str | Path) -> nn.Module:
+    """Rebuild the original model class and load the saved target strictly.
+
+    Example:
+        >>> net = load_exported("runs/demo/exported")     # doctest: +SKIP
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    info = json.loads((directory / "model.json").read_text())
+    net = build_model(info["model"], num_classes=info["num_classes"], in_channels=info["in_channels"])
+    net.load_state_dict(load_file(str(directory / "model.safetensors")), strict=True)
+    return net.eval()
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+    def set_postfix(self, **kw: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
