@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import re
 import time
 from pathlib import Path
 
@@ -32,14 +33,17 @@ HAND_WRITTEN_REFERENCE = {"baseline": 89.87, "dml": 90.69, "one": 89.88, "tsa": 
 
 def base_config(args: argparse.Namespace) -> RunConfig:
     on_gpu = torch.cuda.is_available() and args.device in ("auto", "cuda")
-    return RunConfig(model="resnet32", dataset="fashion_mnist", epochs=args.epochs, batch_size=128,
+    return RunConfig(model=args.model, dataset="fashion_mnist", epochs=args.epochs, batch_size=128,
                      lr=0.1, momentum=0.9, weight_decay=5e-4, lr_schedule="cosine", train_subset=5000,
                      device=args.device, amp=on_gpu, channels_last=on_gpu, eval_every=args.eval_every,
                      data_root=args.data_root)
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    """``"dml:temperature=3"`` -> ``("dml", {"temperature": 3})``: a method with overrides."""
+    """``"dml:temperature=3"`` -> ``("dml", {"temperature": 3})``: a method with overrides.
+
+    Keys that are RunConfig fields (``amp``, ``lr``...) change the run; others go to the method.
+    """
     import yaml
 
     name, *pairs = text.split(":")
@@ -92,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma-separated methods; 'name:key=value' adds overrides (a variant)")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--model", default="resnet32", help="recipes.zoo model name")
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--workers", type=int, default=1)
@@ -103,18 +108,24 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     cfg = base_config(args)
-    header = (f"Fashion-MNIST-5k (5,000 stratified train images, full 10,000 test), ResNet-32, "
+    header = (f"Fashion-MNIST-5k (5,000 stratified train images, full 10,000 test), {cfg.model}, "
               f"{cfg.epochs} epochs, cosine LR 0.1, batch 128, wd 5e-4, "
               f"{'bf16 autocast + channels_last, ' if cfg.amp else ''}machine: {machine().get('gpu', 'CPU')}")
     if not args.summarise:
-        methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
+        # Commas inside brackets belong to a variant's value ("ahbf:lambdas=[2, 4]").
+        methods = [m.strip() for m in re.split(r",(?![^\[]*\])", args.methods)]
+        seeds = [int(s) for s in args.seeds.split(",")]
         # Longest runs first so the pool's tail is short.
         cost = {"ahbf": 5, "tsa": 4, "u_tsa": 4, "okddip": 3, "dml": 3, "one": 2, "cl_ilr": 2, "baseline": 1}
         jobs = []
+        run_fields = set(RunConfig.__dataclass_fields__)
         for label in methods:
             name, overrides = parse_variant(label)
+            config_changes = {k: v for k, v in overrides.items() if k in run_fields}
+            method_changes = {k: v for k, v in overrides.items() if k not in run_fields}
             for s in seeds:
-                run_cfg = cfg.replace(method=name, seed=s, method_args={**cfg.method_args, **overrides})
+                run_cfg = cfg.replace(method=name, seed=s, method_args={**cfg.method_args, **method_changes},
+                                      **config_changes)
                 jobs.append((run_cfg.to_dict(), label, str(out)))
         jobs.sort(key=lambda j: -cost.get(j[0]["method"], 1))
         t0 = time.time()
