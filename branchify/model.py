@@ -18,6 +18,16 @@ from .surgery.partition import REQUIRED, Partition, make_inplace_safe, partition
 from .surgery.tracing import trace
 
 
+def _input_width(m: nn.Module) -> int | None:
+    """Channels/features a layer reads, for the layer types that say so."""
+    for attr in ("in_channels", "in_features", "num_features", "embed_dim"):
+        if isinstance(getattr(m, attr, None), int):
+            return getattr(m, attr)
+    if isinstance(m, nn.LayerNorm):
+        return m.normalized_shape[-1]
+    return None
+
+
 def _key(path: tuple[int, ...]) -> str:
     return "trunk" if not path else "b" + "_".join(map(str, path))
 
@@ -92,12 +102,12 @@ class BranchedModel(nn.Module):
         name = self._cut_names[len(child)]
         for n in seg.graph.nodes:
             if n.op == "call_module" and any(a.name == name for a in n.all_input_nodes):
-                m = seg.get_submodule(n.target)
-                for attr in ("in_channels", "in_features", "num_features", "embed_dim"):
-                    if isinstance(getattr(m, attr, None), int):
-                        return getattr(m, attr)
-                if isinstance(m, nn.LayerNorm):
-                    return m.normalized_shape[-1]
+                # The consumer may be a whole block (an HF layer traced as a leaf): its first
+                # sized layer tells the width it reads.
+                for m in seg.get_submodule(n.target).modules():
+                    width = _input_width(m)
+                    if width is not None:
+                        return width
         return None
 
     # ------------------------------------------------------------------ forward

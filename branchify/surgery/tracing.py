@@ -76,6 +76,8 @@ def trace(model: nn.Module, tracer: fx.Tracer | None = None,
     tracer = tracer if tracer is not None else Tracer()
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
+    except TraceError:  # a tracer that already explains itself (e.g. the HF tracer)
+        raise
     except Exception as exc:  # fx raises many types; re-raise one that teaches
         where = getattr(tracer, "failed_module_path", None) or ""
         mod_desc = (f"module '{where}' ({type(model.get_submodule(where)).__name__})" if where

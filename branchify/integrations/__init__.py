@@ -1,0 +1,5 @@
+"""Optional integrations. Nothing here is imported by ``import branchify``.
+
+* :mod:`branchify.integrations.hf_tracer` - the coarse fx tracer for Hugging Face models.
+* :mod:`branchify.integrations.hf` - Trainer-ready wrapper, callback and export for HF models.
+"""
