@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import aggregators, methods, metrics, schedules
+from .cohort import Cohort
 from .loss import LossOutput, OnlineKD
 from .methods import available_methods, method
 from .model import BranchedModel, branchify
@@ -42,6 +43,6 @@ def split_points(model: nn.Module, tracer: Tracer | None = None, max_depth: int 
     return points
 
 
-__all__ = ["BranchedModel", "BranchedOutput", "INPUT", "LossOutput", "OnlineKD", "Spec", "SpecError",
+__all__ = ["BranchedModel", "BranchedOutput", "Cohort", "INPUT", "LossOutput", "OnlineKD", "Spec", "SpecError",
            "Tracer", "TraceError", "aggregators", "available_methods", "branchify", "method", "methods",
            "metrics", "schedules", "split_points", "trace"]

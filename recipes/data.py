@@ -366,7 +366,9 @@ class TensorLoader:
     2. uint8 -> float32 in [0, 1], then ``(x - mean) / std`` per channel;
     3. optional ``channels_last`` memory format.
 
-    Yields ``(x float32 [B, C, H, W], y int64 [B])``; ``len(loader)`` is the number of batches.
+    Yields ``(x float32 [B, C, H, W], y int64 [B])``, or ``(x, y, index int64 [B])`` with
+    ``with_index=True`` (the samples' positions in ``images``: MD reads its per-sample soft labels
+    by these); ``len(loader)`` is the number of batches.
 
     Example:
         >>> images = torch.randint(0, 256, (100, 1, 28, 28), dtype=torch.uint8)
@@ -392,6 +394,7 @@ class TensorLoader:
         crop_padding: int | None = None,
         flip: bool = True,
         channels_last: bool = False,
+        with_index: bool = False,
     ) -> None:
         if images.ndim != 4:
             raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
@@ -421,6 +424,7 @@ class TensorLoader:
         self.crop_padding = crop_padding
         self.flip = flip
         self.channels_last = channels_last
+        self.with_index = with_index
         self.epoch = 0
         self._divisor = 255.0 if images.dtype == torch.uint8 else 1.0
         self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
@@ -441,7 +445,7 @@ class TensorLoader:
         """Make the next ``iter()`` produce epoch ``epoch``'s order and augmentation."""
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         # A fresh seed per (seed, epoch): reproducible and independent of earlier epochs.
         self._generator.manual_seed(self.seed * 1_000_003 + self.epoch)
         self.epoch += 1
@@ -460,7 +464,7 @@ class TensorLoader:
                 x = x.contiguous(memory_format=torch.channels_last)
             else:
                 x = x.contiguous()
-            yield x, self.labels[index]
+            yield (x, self.labels[index], index) if self.with_index else (x, self.labels[index])
 
     def _crop_and_flip(self, x: torch.Tensor) -> torch.Tensor:
         """Random zero-padded crop and horizontal flip of a whole batch with one gather."""
