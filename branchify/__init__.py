@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import aggregators, methods, metrics, schedules
+from . import aggregators, methods, metrics, schedules, viz
 from .cohort import Cohort
 from .loss import LossOutput, OnlineKD
 from .methods import available_methods, method
@@ -45,4 +45,4 @@ def split_points(model: nn.Module, tracer: Tracer | None = None, max_depth: int 
 
 __all__ = ["BranchedModel", "BranchedOutput", "Cohort", "INPUT", "LossOutput", "OnlineKD", "Spec", "SpecError",
            "Tracer", "TraceError", "aggregators", "available_methods", "branchify", "method", "methods",
-           "metrics", "schedules", "split_points", "trace"]
+           "metrics", "schedules", "split_points", "trace", "viz"]

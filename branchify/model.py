@@ -302,6 +302,7 @@ def branchify(model: nn.Module, spec: Spec, *, model_fn: Callable[[], nn.Module]
             if level == spec.num_levels:
                 _apply_deepen(replica, spec, leaf_index[path], work, how, model_fn)
             segments[_key(path)] = replica
+    _warn_identical_replicas(segments, spec, how)
     if spec.splits[0] == INPUT:
         make_inplace_safe(part.levels[0])
     skeleton, nonpersistent = _skeleton_of(model)
@@ -309,6 +310,28 @@ def branchify(model: nn.Module, spec: Spec, *, model_fn: Callable[[], nn.Module]
                        INIT_DESCRIPTIONS[how])
     bm.train(was_training)
     return bm
+
+
+def _warn_identical_replicas(segments: dict[str, fx.GraphModule], spec: Spec, how: str) -> None:
+    """Identical siblings get identical gradients and never diverge: say so loudly.
+
+    Re-initialised replicas can still come out identical to child 0, e.g. when ``model_fn``
+    re-seeds the global RNG before building its model.
+    """
+    if how == "copy":
+        return
+    for level in range(1, spec.num_levels + 1):
+        for path in spec.level_paths(level):
+            if path[-1] == 0:
+                continue
+            mine, first = segments[_key(path)], segments[_key(path[:-1] + (0,))]
+            theirs = dict(first.named_parameters())
+            params = dict(mine.named_parameters())
+            if params and params.keys() == theirs.keys() and all(
+                    torch.equal(p, theirs[k]) for k, p in params.items()):
+                warnings.warn(f"replica {_key(path)} starts with exactly the weights of "
+                              f"{_key(path[:-1] + (0,))} (init {how!r}), so the two will stay identical; "
+                              f"if model_fn seeds the random generator, remove the seeding", stacklevel=3)
 
 
 def _apply_deepen(replica: fx.GraphModule, spec: Spec, leaf: int, work: nn.Module, how: str,

@@ -11,9 +11,13 @@ from .spec import INPUT, Spec
 
 
 def _plt():
+    import os
+    import sys
+
     import matplotlib
 
-    matplotlib.use("Agg", force=False)
+    if "matplotlib.pyplot" not in sys.modules and not os.environ.get("MPLBACKEND"):
+        matplotlib.use("Agg")  # headless default for scripts; never override a backend already chosen (Jupyter inline)
     import matplotlib.pyplot as plt
 
     return plt

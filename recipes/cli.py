@@ -102,8 +102,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [head, "|" + "---|" * 8]
     for r in rows:
         vs = "" if r["vs_baseline"] is None or r["method"] == "baseline" else f"{r['vs_baseline']:+.2f}"
-        lines.append(f"| {r['method']} | {r['target_acc']:.2f} ± {r['target_std']:.2f} | {vs} | "
-                     f"{r['ensemble_acc']:.2f} ± {r['ensemble_std']:.2f} | {r['diversity']:.3f} | "
+
+        def acc(mean: float, std: float) -> str:  # no spread is shown when one seed measured none
+            return f"{mean:.2f} ± {std:.2f}" if r["seeds"] > 1 else f"{mean:.2f}"
+
+        lines.append(f"| {r['method']} | {acc(r['target_acc'], r['target_std'])} | {vs} | "
+                     f"{acc(r['ensemble_acc'], r['ensemble_std'])} | {r['diversity']:.3f} | "
                      f"{r['deployed_params'] / 1e6:.3f}M | {r['trained_params'] / 1e6:.3f}M | "
                      f"{r['train_seconds']:.0f} |")
     return "\n".join(lines)

@@ -79,6 +79,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: bool, target: 
     for x, y in loader:
         if limit is not None and n >= limit:
             break
+        x, y = (x, y) if limit is None else (x[: limit - n], y[: limit - n])  # exactly the first `limit` images
         with _autocast(device, amp):
             out = model(x)
         logits = [z.float() for z in (out.logits if isinstance(out, bf.BranchedOutput) else [out])]

@@ -61,3 +61,12 @@ def test_batchnorm_statistics_are_reset_in_reinitialised_replicas():
 def test_describe_names_the_init(how):
     bm = bf.branchify(tvm.resnet18(num_classes=4), Spec(splits=["layer4"], fanout=[2], init=how))
     assert f"replica init: {how}" in bm.describe(torch.randn(2, 3, 32, 32), print_fn=None)
+
+
+def test_a_model_fn_that_reseeds_makes_identical_replicas_and_branchify_warns():
+    def seeded():
+        torch.manual_seed(0)  # the mistake: every donor is the same network
+        return tvm.resnet18(num_classes=4)
+
+    with pytest.warns(UserWarning, match=r"replica b1 starts with exactly the weights of b0"):
+        bf.branchify(seeded(), Spec(splits=["layer4"], fanout=[2]), model_fn=seeded)
