@@ -147,8 +147,9 @@ def run_comparison(base: RunConfig, methods: list[str], seeds: list[int], out: s
     rows = summarise(results)
     table = format_table(rows)
     device = str(resolve_device(base.device))
+    test = f"first {base.test_subset} test images" if base.test_subset else "full test set"
     header = (f"{base.dataset} ({'subset ' + str(base.train_subset) if base.train_subset else 'full'} train, "
-              f"full test), {base.model}, {base.epochs} epochs, {base.lr_schedule} LR, seeds {seeds}, "
+              f"{test}), {base.model}, {base.epochs} epochs, {base.lr_schedule} LR, seeds {seeds}, "
               f"device {device}")
     (out / "summary.md").write_text(header + "\n\n" + table + "\n")
     (out / "results.json").write_text(json.dumps(
