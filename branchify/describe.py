@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .surgery.batched import loop_only
+
 if TYPE_CHECKING:
     from .model import BranchedModel
 
@@ -37,8 +39,8 @@ def segment_flops(model: "BranchedModel", *example_inputs: Any, **kwargs: Any) -
     args, kwargs = _example_inputs(model, example_inputs, kwargs)
     was_training = model.training
     model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    try:  # one call per replica, so each segment's FLOPs are attributed to its own module
+        with torch.no_grad(), loop_only(model), FlopCounterMode(display=False) as counter:
             model(*args, **kwargs)
     finally:
         model.train(was_training)

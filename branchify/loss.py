@@ -73,7 +73,9 @@ class OnlineKD:
     The aggregator is bound to the model (its layers sized from the model's metadata) and
     assigned to ``model.aggregator``, so ``model.parameters()`` trains it and ``export()`` drops
     it. Everything is computed in float32 with autocast disabled (logits are cast up), so bf16
-    and fp16 autocast are safe.
+    and fp16 autocast are safe. It compiles with ``torch.compile(fullgraph=True)``: the
+    schedules are evaluated in Python when the epoch (or a schedule) is set, and a compiled call
+    reads the result as a graph input, so a ramp that moves every step does not recompile.
 
     Args:
         model: the branched model (anything exposing ``num_leaves`` and an ``aggregator`` slot).
@@ -135,6 +137,28 @@ class OnlineKD:
                 raise ValueError("teacher is the branched model itself; pass a separate pre-trained model")
             teacher.eval()
             teacher.requires_grad_(False)
+
+    # Schedules are evaluated in Python, outside a compiled graph: torch.compile would otherwise
+    # trace their float arithmetic on ``epoch`` (guarding on its value - a recompile every epoch
+    # - or failing on math.exp of a symbolic float). Assigning any of these refreshes the values
+    # a compiled call reads; eager calls evaluate the schedules afresh every time.
+    _SCHEDULE_INPUTS = frozenset({"epoch", "total_epochs", "ramp", "interval"})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in self._SCHEDULE_INPUTS:
+            super().__setattr__("_schedule", self._evaluate_schedule())
+
+    def _evaluate_schedule(self) -> tuple[Any, float | None]:
+        """(interval phase or None, KD ramp weight or None while it cannot be evaluated)."""
+        if not all(hasattr(self, n) for n in self._SCHEDULE_INPUTS):  # still in __init__
+            return None, None
+        phase = self.interval(self.epoch) if self.interval is not None and self.epoch is not None else None
+        try:
+            ramp = self.ramp_value()
+        except (RuntimeError, ValueError):  # raised again, with its message, when the loss needs it
+            ramp = None
+        return phase, ramp
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -237,12 +261,10 @@ class OnlineKD:
     def _loss(self, out: BranchedOutput, y: torch.Tensor, inputs: Any) -> LossOutput:
         parts: dict[str, torch.Tensor] = {}
         mask = valid_mask(y, out.logits[0])
-        phase = None
-        if self.interval is not None:
-            if self.epoch is None:
-                raise RuntimeError(f"{self.interval!r} needs the epoch: call okd.set_epoch(epoch, total_epochs) "
-                                   f"at the start of every epoch")
-            phase = self.interval(self.epoch)
+        if self.interval is not None and self.epoch is None:
+            raise RuntimeError(f"{self.interval!r} needs the epoch: call okd.set_epoch(epoch, total_epochs) "
+                               f"at the start of every epoch")
+        phase, ramp_now = self._schedule if torch.compiler.is_compiling() else self._evaluate_schedule()
         alpha = phase.alpha if phase is not None else 1.0
         beta = phase.beta if phase is not None else 1.0
 
@@ -260,7 +282,7 @@ class OnlineKD:
         total = self.ce_weight * alpha * ce_total
         parts["loss/ce"] = total
 
-        ramp = self.ramp_value() if kd_on else 0.0
+        ramp = (ramp_now if ramp_now is not None else self.ramp_value()) if kd_on else 0.0
         kd_total = out.logits[0].new_zeros((), dtype=torch.float32)
         if kd_on:
             for term in targets.kd:

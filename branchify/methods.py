@@ -261,13 +261,15 @@ for _preset in (
     register_method(_preset)
 
 
-def method(name: str, model: nn.Module, **overrides: Any) -> tuple["BranchedModel", OnlineKD]:
+def method(name: str, model: nn.Module, *, batched: bool | str = "auto",
+           **overrides: Any) -> tuple["BranchedModel", OnlineKD]:
     """Build a named method around ``model``: ``(branched model, loss)``.
 
     The aggregator is attached to the branched model (``model.aggregator``), so optimising
     ``model.parameters()`` trains it. Overrides change the preset's defaults; each preset's
-    valid names are in ``get_preset(name).defaults``. ``model_fn``, ``tracer`` and
-    ``feature_node`` are passed to :func:`branchify.branchify`.
+    valid names are in ``get_preset(name).defaults``. ``model_fn``, ``tracer``,
+    ``feature_node`` and ``batched`` (sibling replicas as one vmapped call) are passed to
+    :func:`branchify.branchify`.
 
     Example:
         >>> bm, okd = method("okddip", cifar_resnet32(), branches=5, space="prob")   # doctest: +SKIP
@@ -283,5 +285,5 @@ def method(name: str, model: nn.Module, **overrides: Any) -> tuple["BranchedMode
     from branchify import branchify  # lazily: the core imports this module's package
 
     branched = branchify(model, spec, model_fn=options["model_fn"], tracer=options["tracer"],
-                         feature_node=options["feature_node"])
+                         feature_node=options["feature_node"], batched=batched)
     return branched, OnlineKD(branched, aggregator, **loss_kwargs)

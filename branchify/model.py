@@ -12,6 +12,8 @@ from torch import nn
 from .outputs import BranchedOutput
 from .schedules import scale_grad
 from .spec import INPUT, Spec, SpecError
+from .surgery.batched import BatchedMode, ReplicaGroup, check_mode, plan_groups, run_tree, wants_vmap
+from .surgery.batched import model_key as _key
 from .surgery.deepen import check_deepen, container_blocks, deepen_graph, deepened_skeleton
 from .surgery.init import INIT_DESCRIPTIONS, reinitialise, resolve_init
 from .surgery.partition import REQUIRED, Partition, make_inplace_safe, partition
@@ -26,10 +28,6 @@ def _input_width(m: nn.Module) -> int | None:
     if isinstance(m, nn.LayerNorm):
         return m.normalized_shape[-1]
     return None
-
-
-def _key(path: tuple[int, ...]) -> str:
-    return "trunk" if not path else "b" + "_".join(map(str, path))
 
 
 class _Store(nn.Module):
@@ -53,11 +51,12 @@ class BranchedModel(nn.Module):
     Parameters live in ``segments`` (one GraphModule per tree node, keys ``trunk``, ``b0``,
     ``b0_1``...) with the original model's parameter names inside, plus ``aggregator`` when
     a loss object attaches one (trained with the model, dropped by :meth:`export`).
+    Structurally identical sibling replicas can run as one vmapped call (:attr:`batched`).
     """
 
     def __init__(self, part: Partition, spec: Spec, segments: dict[str, fx.GraphModule],
                  skeleton: nn.Module, nonpersistent: dict[str, torch.Tensor],
-                 unexecuted: dict[str, torch.Tensor], init_used: str) -> None:
+                 unexecuted: dict[str, torch.Tensor], init_used: str, batched: BatchedMode = "auto") -> None:
         super().__init__()
         self.spec = spec
         self.segments = nn.ModuleDict(segments)
@@ -77,8 +76,33 @@ class BranchedModel(nn.Module):
         object.__setattr__(self, "_skeleton", skeleton)
         object.__setattr__(self, "_nonpersistent", nonpersistent)
         self._example: tuple | None = None
+        self.batched = batched
+        # Which replicas share a structure (and so can run as one call); plain data, no tensors.
+        object.__setattr__(self, "_batch_plan", plan_groups(spec, self.segments))
 
     # ------------------------------------------------------------------ metadata
+    @property
+    def batched(self) -> BatchedMode:
+        """How sibling replicas run: ``True`` as one vmapped call per group, ``False`` one call
+        each, ``"auto"`` batched on CUDA and one call each elsewhere (the faster choice measured
+        per device by ``benchmarks/speed.py``). Parameters, ``state_dict`` and outputs are the same
+        either way, so it can be changed at any time.
+
+        Example:
+            >>> bm.batched = True          # doctest: +SKIP
+        """
+        return self._batched
+
+    @batched.setter
+    def batched(self, mode: BatchedMode) -> None:
+        self._batched = check_mode(mode)
+
+    @property
+    def batch_groups(self) -> list[ReplicaGroup]:
+        """The groups of sibling replicas that can run as one call (deepened leaves and lone
+        replicas are in none)."""
+        return self._batch_plan.groups
+
     @property
     def num_leaves(self) -> int:
         return len(self.leaf_paths)
@@ -134,8 +158,12 @@ class BranchedModel(nn.Module):
         if self._example is None:
             self._example = tuple((k, tuple(v.shape), v.dtype) for k, v in env.items()
                                   if isinstance(v, torch.Tensor))
-        logits, feats, fmaps, cuts = [], [], [], {}
-        self._run((), env, logits, feats, fmaps, cuts)
+        device = next((v.device for v in env.values() if isinstance(v, torch.Tensor)), None)
+        if self._batch_plan.groups and wants_vmap(self._batched, device):
+            logits, feats, fmaps, cuts = run_tree(self, env)
+        else:
+            logits, feats, fmaps, cuts = [], [], [], {}
+            self._run((), env, logits, feats, fmaps, cuts)
         return BranchedOutput(logits=logits, features=feats, feature_maps=fmaps, cuts=cuts,
                               leaf_paths=self.leaf_paths)
 
@@ -244,7 +272,8 @@ class _Ensemble(nn.Module):
 
 
 def branchify(model: nn.Module, spec: Spec, *, model_fn: Callable[[], nn.Module] | None = None,
-              tracer: fx.Tracer | None = None, feature_node: str | None = None) -> BranchedModel:
+              tracer: fx.Tracer | None = None, feature_node: str | None = None,
+              batched: BatchedMode = "auto") -> BranchedModel:
     """Cut ``model`` at ``spec.splits`` and grow the branch tree ``spec`` describes.
 
     The model is traced with torch.fx (``tracer`` overrides the default; Hugging Face models get
@@ -260,6 +289,9 @@ def branchify(model: nn.Module, spec: Spec, *, model_fn: Callable[[], nn.Module]
         tracer: an ``fx.Tracer`` (e.g. :class:`branchify.Tracer` with leaf modules).
         feature_node: fx node name or module path whose output is the "features" (default:
             the input of the final Linear).
+        batched: run structurally identical sibling replicas as one vmapped call: ``"auto"``
+            (on CUDA, where it is faster; one call per replica elsewhere), ``True`` or ``False``.
+            Only the execution changes (see :attr:`BranchedModel.batched`).
 
     Example:
         >>> net = torchvision.models.resnet18(num_classes=10)
@@ -269,6 +301,7 @@ def branchify(model: nn.Module, spec: Spec, *, model_fn: Callable[[], nn.Module]
     """
     if not isinstance(spec, Spec):
         raise TypeError(f"spec must be a branchify.Spec, got {type(spec).__name__}")
+    check_mode(batched)
     if tracer is None:
         from .surgery.hf_tracing import maybe_hf_tracer
 
@@ -307,7 +340,7 @@ def branchify(model: nn.Module, spec: Spec, *, model_fn: Callable[[], nn.Module]
         make_inplace_safe(part.levels[0])
     skeleton, nonpersistent = _skeleton_of(model)
     bm = BranchedModel(part, spec, segments, skeleton, nonpersistent, unexecuted,
-                       INIT_DESCRIPTIONS[how])
+                       INIT_DESCRIPTIONS[how], batched)
     bm.train(was_training)
     return bm
 
