@@ -11,6 +11,7 @@ from torch import nn
 
 import branchify as bf
 import branchify.surgery.batched as batched_mod
+from branchify.surgery.vmap_batchnorm import VmapBatchNorm
 from branchify.surgery.stacking import stack_replicas, write_back
 
 from conftest import TinyCifarResNet
@@ -272,3 +273,54 @@ def test_ddp_accepts_the_batched_form(tmp_path):
     sd_l = loop.state_dict()
     for k, v in batched.state_dict().items():
         _close(v, sd_l[k], k)
+
+
+def _saved_mb(model: nn.Module, x: torch.Tensor) -> float:
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        sum(z.sum() for z in model(x).logits).backward()
+    return sum(storages.values()) / 2**20
+
+
+def test_batched_batchnorm_saves_no_more_activations_than_the_loop():
+    # vmap's own batch_norm rule applies the affine part as separate ops and keeps one more
+    # activation per BatchNorm; the folded BatchNorm keeps what the loop keeps.
+    loop, batched = _pair(SPECS["dml"])
+    x = torch.randn(4, 3, 16, 16)
+    assert _saved_mb(batched.train(), x) <= 1.02 * _saved_mb(loop.train(), x)
+    assert all(type(m) is not VmapBatchNorm for m in batched.modules())  # segments untouched
+
+
+@pytest.mark.parametrize("kind", ["no_affine", "no_running_stats"])
+def test_batchnorm_variants_equal_the_loop(kind):
+    net = TinyCifarResNet()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            if kind == "no_affine":
+                m.affine, m.weight, m.bias = False, None, None
+            else:
+                m.track_running_stats, m.running_mean, m.running_var, m.num_batches_tracked = False, None, None, None
+    loop, batched = _pair(SPECS["tsa"], net)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
+    for a, b in zip(_sgd_step(batched.train(), x, y).logits, _sgd_step(loop.train(), x, y).logits):
+        _close(a, b, "train logits")
+    with torch.no_grad():
+        for a, b in zip(batched.eval()(x).logits, loop.eval()(x).logits):
+            _close(a, b, "eval logits")
+
+
+def test_two_forwards_then_one_backward():
+    # the running statistics are updated in place by the second forward; backward must not need them
+    loop, batched = _pair(SPECS["one"])
+    x1, x2 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    for m in (loop.train(), batched.train()):
+        (sum(z.sum() for z in m(x1).logits) + sum(z.sum() for z in m(x2).logits)).backward()
+    grads_l = dict(loop.named_parameters())
+    for n, p in batched.named_parameters():
+        if p.grad is not None:
+            _close(p.grad, grads_l[n].grad, f"grad of {n}")

@@ -14,6 +14,14 @@ groups by name, module type or ``ndim``, LARS/LAMB trust ratios), ``export()``, 
 DDP and checkpoints are the same whether a model runs batched or as a loop, and the execution
 strategy can be switched at any time (``model.batched = ...``).
 
+The vmapped call runs a copy of the first replica's GraphModule that shares its modules, except
+that plain BatchNorms run through :mod:`branchify.surgery.vmap_batchnorm` (one fused kernel over
+all replicas instead of vmap's normalise-then-affine, which keeps an extra activation per
+BatchNorm). Forward hooks registered on a replica's modules do not fire in a batched call; set
+``model.batched = False`` to use them. With ``batched="auto"``, a group that vmap cannot run
+(data-dependent Python in a leaf module, ``.item()``) warns once and runs on the loop from then
+on; with ``batched=True`` that is an error.
+
 Groups: at each level, when every parent has the same number of children C and all R = P * C
 replicas share one structure, the level is one group run as a nested vmap (outer over the P
 parents, whose activations are already stacked when the parent level ran batched; inner over
@@ -36,6 +44,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..schedules import scale_grad
 from .stacking import stack_replicas, write_back
+from .vmap_batchnorm import vmap_template
 
 if TYPE_CHECKING:
     from ..model import BranchedModel
@@ -110,15 +119,9 @@ class ReplicaGroup:
     param_names: list[str]
     buffer_names: list[str]
     disabled: str | None = None
-    _cache: Any = field(default=None, repr=False)
-
-    def __getstate__(self) -> dict:  # the cache holds module references: rebuild it after copies
-        state = dict(self.__dict__)
-        state["_cache"] = None
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
+    # Module references, built with the plan (not inside a compiled call, where building the
+    # vmap template cannot be traced); deepcopy and pickle map them to the copied modules.
+    _cache: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -165,9 +168,11 @@ def plan_groups(spec: "Spec", segments: dict[str, fx.GraphModule] | nn.ModuleDic
                 units.append(members[0])
                 continue
             template = segments[model_key(members[0])]
-            units.append(ReplicaGroup(level, parents, fanout, list(members),
-                                      [n for n, _ in template.named_parameters()],
-                                      [n for n, _ in template.named_buffers()]))
+            group = ReplicaGroup(level, parents, fanout, list(members),
+                                 [n for n, _ in template.named_parameters()],
+                                 [n for n, _ in template.named_buffers()])
+            _slots(group, [segments[model_key(p)] for p in members])
+            units.append(group)
         levels.append(units)
     return BatchPlan(levels)
 
@@ -187,6 +192,7 @@ class _Slots:
         self.params = [[_slot(s, n) for n in group.param_names] for s in segs]
         self.buffers = [[_slot(s, n) for n in group.buffer_names] for s in segs]
         self.batchnorms = [(n, m) for n, m in segs[0].named_modules() if isinstance(m, _BatchNorm)]
+        self.vmap_template = vmap_template(segs[0])  # BatchNorms as one fused kernel per group
 
 
 def _slots(group: ReplicaGroup, segs: list[nn.Module]) -> _Slots:
@@ -275,7 +281,7 @@ def _group_forward(model: "BranchedModel", group: ReplicaGroup, envs: dict[Path,
     b_dict = {n: t.unflatten(0, shape) if shape else t for n, t in zip(group.buffer_names, buffers)}
 
     def call(p: dict, b: dict, *xs: torch.Tensor) -> dict[str, torch.Tensor]:
-        return functional_call(template, (p, b), (), {**consts, **dict(zip(tensor_names, xs))})
+        return functional_call(slots.vmap_template, (p, b), (), {**consts, **dict(zip(tensor_names, xs))})
 
     fn: Callable = call
     if fanout > 1:  # children of one parent: the parent's activation is shared (in_dims None)
