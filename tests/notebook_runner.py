@@ -1,0 +1,95 @@
+"""Shared helpers for the notebook tests (tests/test_notebooks*.py, tests/test_notebook_04.py).
+
+A plain module, imported as ``from notebook_runner import ...``. Each notebook runs in a fresh
+``python3`` kernel started from this interpreter (``execute_smoke`` checks that the kernel's
+``sys.executable`` is the one running pytest), with ``BRANCHIFY_SMOKE=1``, the repository root as
+working directory and on ``PYTHONPATH``, and ``BRANCHIFY_NB_OUT`` pointing at the given folder.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")  # provides the native "python3" kernel (run with sys.executable)
+
+from recipes.data import ENV_FASHION_MNIST, FASHION_MNIST_FILES, SYSTEM_FASHION_MNIST_DIR, data_cache_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+SMOKE_LIMIT_S = 300  # a guard against smoke mode silently growing; expected ~15-40 s for 01/02
+
+
+def _local_fashion_mnist() -> Path | None:
+    """The folder holding Fashion-MNIST's four idx files, looking only where recipes.data looks locally."""
+    candidates = [Path(p).expanduser() for p in [os.environ.get(ENV_FASHION_MNIST)] if p]
+    candidates += [SYSTEM_FASHION_MNIST_DIR, data_cache_dir() / "fashion-mnist"]
+    for base in candidates:
+        for folder in (base, base / "FashionMNIST" / "raw"):
+            if all((folder / n).is_file() or (folder / f"{n}.gz").is_file() for n in FASHION_MNIST_FILES):
+                return folder
+    return None
+
+
+needs_data = pytest.mark.skipif(
+    _local_fashion_mnist() is None,
+    reason=f"Fashion-MNIST is not installed locally (apt-get install dataset-fashion-mnist, or set "
+           f"{ENV_FASHION_MNIST}); the notebooks train on the real data set and these tests never download it")
+
+
+def assert_committed_clean(path: Path) -> None:
+    """The notebook is valid nbformat 4 for the ``python3`` kernel, has a smoke switch, and carries no outputs."""
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    assert nb.nbformat == 4
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert not cell.get("outputs") and cell.get("execution_count") is None, \
+                f"{path.name}: clear the outputs before committing"
+    source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert 'os.environ.get("BRANCHIFY_SMOKE") == "1"' in source
+
+
+def execute_smoke(path: Path, out_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                  timeout: int = SMOKE_LIMIT_S) -> tuple[nbformat.NotebookNode, float]:
+    """Runs the notebook in smoke mode; returns the executed notebook and the seconds it took.
+
+    ``timeout`` is nbclient's per-cell limit. Extra environment (e.g. ``MPLBACKEND``) can be set
+    with ``monkeypatch`` before the call: the kernel inherits this process's environment.
+    """
+    monkeypatch.setenv("BRANCHIFY_SMOKE", "1")
+    monkeypatch.setenv("BRANCHIFY_NB_OUT", str(out_dir))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    nb = nbformat.read(path, as_version=4)
+    # Not saved anywhere: proves the kernel runs this interpreter (the venv), not another python.
+    nb.cells.insert(0, nbformat.v4.new_code_cell("import sys; print('KERNEL', sys.executable)"))
+    client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                                     resources={"metadata": {"path": str(ROOT)}})
+    start = time.perf_counter()
+    client.execute()
+    elapsed = time.perf_counter() - start
+    kernel = stream(nb.cells[0]).split("KERNEL", 1)[1].strip()
+    assert Path(kernel).resolve() == Path(sys.executable).resolve(), f"kernel ran {kernel}, not {sys.executable}"
+    return nb, elapsed
+
+
+def stream(cell) -> str:
+    """The stdout/stderr text of one code cell."""
+    return "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+
+
+def all_stream(nb) -> str:
+    """The stdout/stderr text of every code cell, one cell a line-separated block."""
+    return "\n".join(stream(c) for c in nb.cells if c.cell_type == "code")
+
+
+def rich(nb, mime: str) -> list[str]:
+    """Every display_data / execute_result payload of the given MIME type, in cell order."""
+    return [o["data"][mime] for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+            if o.get("output_type") in ("display_data", "execute_result") and mime in o.get("data", {})]
