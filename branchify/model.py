@@ -155,7 +155,9 @@ class BranchedModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> BranchedOutput:
         env = self._bind(args, dict(kwargs))
-        if self._example is None:
+        # Remembered for describe(); not while compiling, where reading it would guard on it and
+        # the second call (after the first stored it) would compile the model a second time.
+        if not torch.compiler.is_compiling() and self._example is None:
             self._example = tuple((k, tuple(v.shape), v.dtype) for k, v in env.items()
                                   if isinstance(v, torch.Tensor))
         device = next((v.device for v in env.values() if isinstance(v, torch.Tensor)), None)

@@ -88,6 +88,20 @@ def test_schedule_changes_do_not_recompile():
     assert counter.frame_count <= 2  # the first value is specialised, then the ramp is a graph input
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["loop", "batched"])
+def test_model_compiles_once(batched):
+    # The model must not change state a guard reads (it used to remember its first input inside
+    # the compiled call, so the second call compiled everything again).
+    model, okd = bf.method("one", TinyCifarResNet(num_classes=5), batched=batched)
+    okd.set_epoch(3, 10)  # a fixed ramp: nothing in the loss changes between calls
+    counter = CompileCounter()
+    step = torch.compile(lambda x, y: okd(model(x), y), fullgraph=True, backend=counter)
+    for _ in range(3):
+        step(torch.randn(2, 3, 16, 16), torch.randint(0, 5, (2,)))
+    assert counter.frame_count == 1
+    assert "FLOPs" in model.describe(torch.randn(2, 3, 16, 16))  # given an input, describe() still works
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("batched", [False, True], ids=["loop", "batched"])
 @pytest.mark.parametrize("arch", ["resnet32", "resnet18"])
