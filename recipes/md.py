@@ -8,6 +8,7 @@ repeated) - and prints each peer's accuracy side by side, plus the peers' ensemb
     python -m recipes.md                           # CPU: resnet20 + mobilenetv2_0.5, 1000 images, 8 epochs
     python -m recipes.md --models resnet20,mobilenetv2_0.5,vgg16 --subset 5000 --epochs 160 --t-in 10 --t-d 30
     python -m recipes.md --fixed-weights           # also the ablation alpha = 1, beta = 2
+    python -m recipes.md --runs md --paper-kl      # only the MD run (recipes.md_benchmark runs one kind per job)
     torchrun --nproc_per_node 2 -m recipes.md --distributed    # one peer per rank (gloo / nccl)
     python -m recipes.md --smoke                   # seconds: tiny subset, 3 epochs
 
@@ -16,7 +17,10 @@ few epochs the fixed soft labels come from barely trained peers (one cycle, comp
 ``T_in = 3`` epochs) and pull the students toward a teacher weaker than where independent
 training ends. The paper's setting is ``T_in = 10, T_d = 30`` repeated over a full CIFAR schedule.
 
-Writes ``--out`` (default ``runs/md``): ``results.json`` (config, machine, per-peer and ensemble
+Each run kind (``--runs``: ``independent``, ``md``, ``md_fixed``) builds its peers and data order
+from ``--seed`` alone, so a kind run on its own trains like it does next to the others.
+
+Writes ``--out`` (default ``runs/md``): ``results.json`` (config, machine, data sizes, per-peer and ensemble
 accuracies, MD's weights per cycle, alpha/beta per epoch, histories) and ``summary.md``.
 With ``--checkpoint-dir`` every rank checkpoints each run after every epoch and a restarted
 command resumes where it stopped (including the current cycle's soft labels).
@@ -45,7 +49,7 @@ from .zoo import build_model, count_parameters
 RUNS = ("independent", "md", "md_fixed")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recipes.md", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="resnet20,mobilenetv2_0.5", help="comma-separated recipes.zoo names")
     p.add_argument("--dataset", default="fashion_mnist", choices=sorted(DATASETS))
@@ -58,7 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--t-in", type=int, default=3, help="independent epochs per cycle (paper: 10 on CIFAR)")
     p.add_argument("--t-d", type=int, default=5, help="distillation epochs per cycle (paper: 30 on CIFAR)")
     p.add_argument("--temperature", type=float, default=3.0)
-    p.add_argument("--fixed-weights", action="store_true", help="also run the ablation alpha = 1, beta = 2")
+    p.add_argument("--runs", help=f"comma-separated run kinds out of {', '.join(RUNS)} "
+                                  "(default: independent,md, plus md_fixed with --fixed-weights)")
+    p.add_argument("--fixed-weights", action="store_true",
+                   help="also run the ablation alpha = 1, beta = 2 (adds md_fixed to --runs)")
     p.add_argument("--paper-kl", action="store_true",
                    help="KL without the t^2 factor (the paper's Eq. 9); default: t^2 * KL like every branchify KD term")
     p.add_argument("--batch-size", type=int, default=64)
@@ -74,10 +81,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-dir", help="per-rank checkpoints; rerun the same command to resume")
     p.add_argument("--out", default="runs/md")
     p.add_argument("--smoke", action="store_true", help="tiny and fast (CI)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
+    try:
+        args.runs = parse_runs(args.runs, args.fixed_weights)
+    except ValueError as e:
+        p.error(str(e))
     if args.smoke:
         args.subset, args.test_subset, args.epochs, args.t_in, args.t_d = 200, 200, 3, 1, 1
     return args
+
+
+def parse_runs(text: str | None, fixed_weights: bool = False) -> list[str]:
+    """``"md,independent"`` -> ``["independent", "md"]``: the run kinds, in :data:`RUNS` order.
+
+    ``None`` is the default ``independent,md``; ``fixed_weights`` adds ``md_fixed``.
+
+    Raises:
+        ValueError: for an unknown or missing run kind; the message lists the valid ones.
+    """
+    names = ["independent", "md"] if text is None else [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown or not names:
+        what = f"unknown run kind(s) {', '.join(map(repr, unknown))}" if unknown else "no run kind given"
+        raise ValueError(f"--runs: {what}; valid run kinds are: {', '.join(RUNS)}")
+    if fixed_weights:
+        names.append("md_fixed")
+    return [k for k in RUNS if k in names]
 
 
 # ---------------------------------------------------------------------- data
@@ -170,19 +204,34 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def format_table(models: list[str], results: dict[str, dict[str, Any]]) -> str:
+    """Per-peer and ensemble accuracy of each run kind in ``results`` (any subset of :data:`RUNS`);
+    the "MD vs independent" column only when both ran."""
     kinds = [k for k in RUNS if k in results]
     labels = {"independent": "independent (%)", "md": "MD (%)", "md_fixed": "MD fixed a=1,b=2 (%)"}
-    head = "| peer | params | " + " | ".join(labels[k] for k in kinds) + " | MD vs independent |"
-    lines = [head, "|" + "---|" * (len(kinds) + 3)]
-    base = results["independent"]
+    delta = "independent" in results and "md" in results
+    head = "| peer | params | " + " | ".join(labels[k] for k in kinds) + (" | MD vs independent |" if delta else " |")
+    lines = [head, "|" + "---|" * (len(kinds) + 2 + delta)]
+    params = results[kinds[0]]["params"]
+
+    def diff(key: str, i: int | None = None) -> str:
+        if not delta:
+            return ""
+        md, base = (results[k][key] if i is None else results[k][key][i] for k in ("md", "independent"))
+        return f" {md - base:+.2f} |"
+
     for i, name in enumerate(models):
         cells = " | ".join(f"{results[k]['acc'][i]:.2f}" for k in kinds)
-        lines.append(f"| {name} | {base['params'][i] / 1e6:.3f}M | {cells} | "
-                     f"{results['md']['acc'][i] - base['acc'][i]:+.2f} |")
+        lines.append(f"| {name} | {params[i] / 1e6:.3f}M | {cells} |{diff('acc', i)}")
     cells = " | ".join(f"{results[k]['ensemble_acc']:.2f}" for k in kinds)
-    lines.append(f"| ensemble (mean probs) | {sum(base['params']) / 1e6:.3f}M | {cells} | "
-                 f"{results['md']['ensemble_acc'] - base['ensemble_acc']:+.2f} |")
+    lines.append(f"| ensemble (mean probs) | {sum(params) / 1e6:.3f}M | {cells} |{diff('ensemble_acc')}")
     return "\n".join(lines)
+
+
+def format_weights(results: dict[str, dict[str, Any]]) -> str:
+    """MD's accuracy weights per cycle, one line each; empty when the ``md`` run did not run."""
+    return "\n".join(f"cycle {c['cycle']} (epoch {c['epoch'] + 1}): {c['source']} accuracy "
+                     f"{[round(v, 2) for v in c['accuracies']]} -> a = {[round(w, 3) for w in c['weights']]}"
+                     for c in results.get("md", {}).get("cycles", []))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device)
     data = load_data(args, device)
     results: dict[str, dict[str, Any]] = {}
-    for kind in ("independent", "md", "md_fixed") if args.fixed_weights else ("independent", "md"):
+    for kind in args.runs:
         results[kind] = merge(exchange.gather(run(kind, args, models, mine, exchange, data, device)))
     if args.distributed:
         torch.distributed.destroy_process_group()
@@ -221,18 +270,18 @@ def main(argv: list[str] | None = None) -> int:
               f"{' (KL without t^2)' if args.paper_kl else ''}, "
               f"{world} process(es), device {device}, {torch.get_num_threads()} CPU thread(s)")
     table = format_table(models, results)
-    weights = "\n".join(f"cycle {c['cycle']} (epoch {c['epoch'] + 1}): {c['source']} accuracy "
-                        f"{[round(v, 2) for v in c['accuracies']]} -> a = {[round(w, 3) for w in c['weights']]}"
-                        for c in results["md"]["cycles"])
+    weights = format_weights(results)
+    body = f"{header}\n\n{table}\n" + (f"\n{weights}\n" if weights else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.md").write_text(f"{header}\n\n{table}\n\n{weights}\n")
+    (out / "summary.md").write_text(body)
     (out / "results.json").write_text(json.dumps({
-        "header": header, "config": vars(args), "machine": machine(), "models": models,
+        "header": header, "config": vars(args), "machine": machine(), "models": models, "sizes": data["sizes"],
+        "device": str(device),
         "schedule": [{"epoch": e, **_phase(sched(e))} for e in range(args.epochs)],
         "results": {k: {key: v for key, v in r.items()} for k, r in results.items()},
     }, indent=2, default=str))
-    print(f"\n{header}\n\n{table}\n\n{weights}\n\nwrote {out}/summary.md and results.json")
+    print(f"\n{body}\nwrote {out}/summary.md and results.json")
     return 0
 
 
