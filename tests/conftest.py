@@ -13,6 +13,16 @@ from branchify.outputs import BranchedOutput
 from branchify.spec import Spec
 
 
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: with tiny models OpenMP threads only add barrier waits
+    (milliseconds per op on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 class FakeBranched(nn.Module):
     """Stands in for a BranchedModel: the metadata aggregators bind to, and an aggregator slot."""
 

@@ -13,14 +13,10 @@ import branchify as bf
 from branchify.aggregators import AccuracyWeighted, Gate, Mean, Pairwise, PeerAttention
 from branchify.cohort import CohortError
 
+from peer_models import step_all
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: OpenMP threads only add barrier waits (milliseconds per op on a busy machine).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 class TinyCNN(nn.Module):
@@ -124,12 +120,7 @@ def test_dml_on_two_different_architectures_reduces_its_loss():
     losses = []
     for _ in range(25):
         loss = okd(cohort(x), y)
-        for o in opts:
-            o.zero_grad()
-        loss.total.backward()
-        for o in opts:
-            o.step()
-        losses.append(float(loss.total.detach()))
+        losses.append(step_all(loss.total, opts))
     assert set(loss.parts) >= {"kd/leaf0<-leaf1", "kd/leaf1<-leaf0", "ce/leaf0", "ce/leaf1"}
     assert losses[-1] < 0.7 * losses[0]
 

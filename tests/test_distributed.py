@@ -22,33 +22,14 @@ from branchify.md import MDTrainer
 from branchify.schedules import IntervalSchedule
 from recipes.data import TensorLoader
 
+from peer_models import SmallCNN, SmallMLP, step_all
+
 WORLD, N, BATCH, T = 2, 40, 10, 3.0
-
-
-class PeerCNN(nn.Module):
-    def __init__(self, classes: int = 4) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 5, 3, padding=1)
-        self.bn = nn.BatchNorm2d(5)
-        self.fc = nn.Linear(5, classes)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
-
-
-class PeerMLP(nn.Module):
-    def __init__(self, classes: int = 4) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.ReLU(), nn.Dropout(0.3))
-        self.fc = nn.Linear(12, classes)
-
-    def forward(self, x):
-        return self.fc(self.body(x))
 
 
 def build_peer(i: int, classes: int = 4) -> nn.Module:
     torch.manual_seed(100 + i)  # the same init whichever process builds peer i
-    return (PeerCNN if i == 0 else PeerMLP)(classes)
+    return SmallCNN(classes, width=5) if i == 0 else SmallMLP(classes)
 
 
 def data(flip_labels: bool = False):
@@ -105,12 +86,7 @@ def run_dml(model, peers, steps: int = 3, aggregator=None) -> list[float]:
     losses = []
     for step, (x, y) in zip(range(steps), train):
         loss = okd(model(x), y)
-        for o in opts:
-            o.zero_grad()
-        loss.total.backward()
-        for o in opts:
-            o.step()
-        losses.append(float(loss.total.detach()))
+        losses.append(step_all(loss.total, opts))
     return losses
 
 
@@ -258,8 +234,8 @@ def test_bad_launches_fail_on_every_rank(ranks):
     for r in range(WORLD):
         res = ranks[r]
         assert "input batch of step 3" in res["batch_mismatch"] and "DistributedSampler" in res["batch_mismatch"]
-        assert res["class_mismatch"].startswith("CohortError") and "peer 0 (PeerCNN@rank0): 4 classes, peer 1 " \
-                                                                   "(PeerMLP@rank1): 5 classes" in res["class_mismatch"]
+        assert res["class_mismatch"].startswith("CohortError") and "peer 0 (SmallCNN@rank0): 4 classes, peer 1 " \
+                                                                   "(SmallMLP@rank1): 5 classes" in res["class_mismatch"]
         assert "world size 2 with [1, 1] peers per rank gives 2 peers, but the cohort has 3" in res["world_mismatch"]
         assert "a cohort of 3 peers needs ids 0..2" in res["exchange_mismatch"]
         assert "training samples of epoch 0" in res["order_mismatch"] and "same data, seed" in res["order_mismatch"]

@@ -16,37 +16,12 @@ from branchify.soft_labels import (IndexedDataset, SoftLabelError, accuracy_weig
                                    split_batch)
 from recipes.data import TensorLoader
 
+from peer_models import SmallCNN, SmallMLP
+
 N, BATCH, T = 48, 16, 3.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: OpenMP threads only add barrier waits (milliseconds per op on a busy machine).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-class SmallCNN(nn.Module):
-    def __init__(self, classes: int = 4) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 6, 3, padding=1)
-        self.bn = nn.BatchNorm2d(6)
-        self.fc = nn.Linear(6, classes)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
-
-
-class SmallMLP(nn.Module):
-    def __init__(self, classes: int = 4) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.ReLU(), nn.Dropout(0.3))
-        self.fc = nn.Linear(12, classes)
-
-    def forward(self, x):
-        return self.fc(self.body(x))
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def make_data(seed: int = 0):
