@@ -1,9 +1,11 @@
-"""Shared fixtures for the methods tests: a fake branched model, synthetic outputs, a tiny
-CIFAR-style ResNet, and *independent* reference formulas (plain torch ops, never the
+"""Shared fixtures: the Fashion-MNIST skip marker, a one-thread fixture, a fake branched model,
+synthetic outputs, a tiny CIFAR-style ResNet, and *independent* reference formulas (plain torch ops, never the
 library's helpers) that the library is checked against."""
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,24 @@ from torch import nn
 
 from branchify.outputs import BranchedOutput
 from branchify.spec import Spec
+from recipes.data import ENV_FASHION_MNIST, FASHION_MNIST_FILES, SYSTEM_FASHION_MNIST_DIR, data_cache_dir
 
+
+def _local_fashion_mnist() -> Path | None:
+    """The folder holding Fashion-MNIST's four idx files, looking only where recipes.data looks locally."""
+    candidates = [Path(p).expanduser() for p in [os.environ.get(ENV_FASHION_MNIST)] if p]
+    candidates += [SYSTEM_FASHION_MNIST_DIR, data_cache_dir() / "fashion-mnist"]
+    for base in candidates:
+        for folder in (base, base / "FashionMNIST" / "raw"):
+            if all((folder / n).is_file() or (folder / f"{n}.gz").is_file() for n in FASHION_MNIST_FILES):
+                return folder
+    return None
+
+
+needs_fashion_mnist = pytest.mark.skipif(
+    _local_fashion_mnist() is None,
+    reason=f"Fashion-MNIST is not installed locally (apt-get install dataset-fashion-mnist, or set "
+           f"{ENV_FASHION_MNIST}); these tests train on the real data set and never download it")
 
 
 @pytest.fixture
@@ -22,6 +41,7 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
 
 class FakeBranched(nn.Module):
     """Stands in for a BranchedModel: the metadata aggregators bind to, and an aggregator slot."""

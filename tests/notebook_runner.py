@@ -18,28 +18,11 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")  # provides the native "python3" kernel (run with sys.executable)
 
-from recipes.data import ENV_FASHION_MNIST, FASHION_MNIST_FILES, SYSTEM_FASHION_MNIST_DIR, data_cache_dir
+from conftest import needs_fashion_mnist as needs_data  # noqa: F401  (re-exported for the notebook tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 SMOKE_LIMIT_S = 300  # a guard against smoke mode silently growing; expected ~15-40 s for 01/02
-
-
-def _local_fashion_mnist() -> Path | None:
-    """The folder holding Fashion-MNIST's four idx files, looking only where recipes.data looks locally."""
-    candidates = [Path(p).expanduser() for p in [os.environ.get(ENV_FASHION_MNIST)] if p]
-    candidates += [SYSTEM_FASHION_MNIST_DIR, data_cache_dir() / "fashion-mnist"]
-    for base in candidates:
-        for folder in (base, base / "FashionMNIST" / "raw"):
-            if all((folder / n).is_file() or (folder / f"{n}.gz").is_file() for n in FASHION_MNIST_FILES):
-                return folder
-    return None
-
-
-needs_data = pytest.mark.skipif(
-    _local_fashion_mnist() is None,
-    reason=f"Fashion-MNIST is not installed locally (apt-get install dataset-fashion-mnist, or set "
-           f"{ENV_FASHION_MNIST}); the notebooks train on the real data set and these tests never download it")
 
 
 def assert_committed_clean(path: Path) -> None:

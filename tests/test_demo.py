@@ -8,20 +8,9 @@ import torch
 
 from recipes import demo
 from recipes.cli import main as cli_main
-from recipes.data import find_fashion_mnist
 from recipes.train import load_exported
 
-
-def _have_fashion_mnist() -> bool:
-    try:
-        find_fashion_mnist()
-        return True
-    except FileNotFoundError:
-        return False
-
-
-needs_data = pytest.mark.skipif(not _have_fashion_mnist(),
-                                reason="Fashion-MNIST not installed (bash scripts/setup.sh installs it)")
+from conftest import needs_fashion_mnist as needs_data
 
 
 @needs_data

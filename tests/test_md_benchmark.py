@@ -10,19 +10,8 @@ import json
 import pytest
 
 from recipes import md, md_benchmark
-from recipes.data import find_fashion_mnist
 
-
-def _have_fashion_mnist() -> bool:
-    try:
-        find_fashion_mnist()
-        return True
-    except FileNotFoundError:
-        return False
-
-
-needs_data = pytest.mark.skipif(not _have_fashion_mnist(),
-                                reason="Fashion-MNIST not installed (bash scripts/setup.sh installs it)")
+from conftest import needs_fashion_mnist as needs_data
 
 MODELS = ["resnet20", "mobilenetv2_0.5"]
 # One independent epoch, then one distillation epoch (one soft-label pass), on 100 images.
