@@ -17,7 +17,7 @@ few epochs the fixed soft labels come from barely trained peers (one cycle, comp
 ``T_in = 3`` epochs) and pull the students toward a teacher weaker than where independent
 training ends. The paper's setting is ``T_in = 10, T_d = 30`` repeated over a full CIFAR schedule.
 Over 3 seeds of that default (README), the t^2 factor on the KL (branchify's convention; with
-beta up to 2 it outweighs the cross-entropy 18 to 1) costs MD 11-12 points against independent
+beta up to 2 the KL term weighs up to 18 against alpha <= 1) costs MD 11-12 points against independent
 training, and ``--paper-kl`` (the paper's Eq. 9) about one: prefer ``--paper-kl`` for MD.
 
 Each run kind (``--runs``: ``independent``, ``md``, ``md_fixed``) builds its peers and data order
