@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from branchify.outputs import BranchedOutput
+from branchify.outputs import BranchedOutput, classifier_logits
 from branchify.spec import INPUT, Spec
 
 
@@ -41,13 +41,9 @@ def peer_logits(result: Any) -> torch.Tensor:
         >>> peer_logits((torch.zeros(2, 3), "aux")).shape
         torch.Size([2, 3])
     """
-    if isinstance(result, torch.Tensor):
-        return result
-    logits = getattr(result, "logits", None)
-    if isinstance(logits, torch.Tensor):
+    logits = classifier_logits(result)
+    if logits is not None:
         return logits
-    if isinstance(result, (tuple, list)) and result and isinstance(result[0], torch.Tensor):
-        return result[0]
     raise CohortError(f"a peer returned {type(result).__name__}; a cohort needs logits: a tensor, an object "
                       f"with .logits, or a tuple whose first item is the logits")
 

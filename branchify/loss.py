@@ -9,7 +9,7 @@ from torch import nn
 
 from branchify.aggregators.base import Aggregator, KDTerm, Targets
 from branchify.losses import cross_entropy, kl_div_logits, kl_div_mixture, valid_mask
-from branchify.outputs import BranchedOutput
+from branchify.outputs import BranchedOutput, classifier_logits
 from branchify.schedules import Constant, IntervalSchedule, Schedule, as_schedule
 
 
@@ -40,15 +40,11 @@ def _first_param(module: Any) -> torch.Tensor | None:
 def _teacher_logits(result: Any, target: int = 0) -> torch.Tensor:
     """Logits from whatever a teacher returns: a tensor, a BranchedOutput (its ``target`` leaf),
     an object with ``.logits`` (Hugging Face), or a tuple whose first item is the logits."""
-    if isinstance(result, torch.Tensor):
-        return result
     if isinstance(result, BranchedOutput):
         return result.logits[target]
-    logits = getattr(result, "logits", None)
-    if isinstance(logits, torch.Tensor):
+    logits = classifier_logits(result)
+    if logits is not None:
         return logits
-    if isinstance(result, (tuple, list)) and result and isinstance(result[0], torch.Tensor):
-        return result[0]
     raise TypeError(f"the external teacher returned {type(result).__name__}; expected logits (a tensor), "
                     f"an object with .logits, or a tuple whose first item is the logits")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -33,3 +34,22 @@ class BranchedOutput:
     @property
     def num_leaves(self) -> int:
         return len(self.logits)
+
+
+def classifier_logits(result: Any) -> torch.Tensor | None:
+    """The logits in what a classifier's forward returns: a tensor, an object with ``.logits``
+    (Hugging Face outputs), or a tuple/list whose first item is a tensor; ``None`` for anything
+    else (callers raise an error that names their context).
+
+    Example:
+        >>> classifier_logits((torch.zeros(2, 3), "aux")).shape
+        torch.Size([2, 3])
+    """
+    if isinstance(result, torch.Tensor):
+        return result
+    logits = getattr(result, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(result, (tuple, list)) and result and isinstance(result[0], torch.Tensor):
+        return result[0]
+    return None
