@@ -12,9 +12,10 @@ Printed ratios: branchify over hand-written (the performance contract asks <= 1.
 and the form ``batched="auto"`` picks on this device), batched over loop, and every variant
 over the compiled plain model (the floor: one network, no tree).
 
-    python -m benchmarks.speed --batch 128 --reps 5 --out benchmarks/results/speed_cpu.json
-    python -m benchmarks.speed --device cuda --amp --channels-last --batch 128 512 \\
-        --out benchmarks/results/speed_h100.json
+    python -m benchmarks.speed --batch 128 --reps 5 --threads 1 --compile --out benchmarks/results/speed_cpu.json
+    python -m benchmarks.speed --batch 512 --reps 3 --threads 1 --compile --out benchmarks/results/speed_cpu_b512.json
+    python -m benchmarks.speed --device cuda --amp --channels-last --batch 128 512 --reps 40 --warmup 3 \\
+        --compile --compile-mode reduce-overhead --out benchmarks/results/speed_h100.json
 """
 from __future__ import annotations
 
