@@ -59,6 +59,14 @@ def _cast_output(out: BranchedOutput, dtype: torch.dtype) -> BranchedOutput:
                    cuts={k: cast(v) for k, v in out.cuts.items()})
 
 
+def _scalar(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A loss part as a 0-d float32 tensor on ``like``'s device (a copy: the schedule buffer is
+    updated in place later; never a CPU tensor beside CUDA ones inside a compiled graph)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    return torch.full((), value, dtype=torch.float32, device=like.device)
+
+
 class OnlineKD:
     """Online knowledge distillation loss over a branched model's leaves.
 
@@ -70,8 +78,10 @@ class OnlineKD:
     assigned to ``model.aggregator``, so ``model.parameters()`` trains it and ``export()`` drops
     it. Everything is computed in float32 with autocast disabled (logits are cast up), so bf16
     and fp16 autocast are safe. It compiles with ``torch.compile(fullgraph=True)``: the
-    schedules are evaluated in Python when the epoch (or a schedule) is set, and a compiled call
-    reads the result as a graph input, so a ramp that moves every step does not recompile.
+    schedules are evaluated in Python when the epoch (or a schedule) is set and written into a
+    small non-persistent buffer of the aggregator, which a compiled call reads as a tensor input:
+    a ramp or MD weight that moves every step neither recompiles nor puts a CPU scalar into a
+    CUDA graph.
 
     Args:
         model: the branched model (anything exposing ``num_leaves`` and an ``aggregator`` slot).
@@ -127,6 +137,7 @@ class OnlineKD:
         self.aggregator = aggregator
         if aggregator is not None:
             self._attach(model, aggregator)
+            self._refresh_schedule()
         self.teacher = teacher
         if teacher is not None:
             if teacher is model:
@@ -143,7 +154,28 @@ class OnlineKD:
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
         if name in self._SCHEDULE_INPUTS:
-            super().__setattr__("_schedule", self._evaluate_schedule())
+            self._refresh_schedule()
+
+    def _refresh_schedule(self) -> None:
+        """Evaluate the schedules and write (ramp, alpha, beta) into the aggregator's schedule
+        buffer, in place: a compiled call reads that tensor (see :meth:`_schedule_buffer`)."""
+        phase, ramp = self._evaluate_schedule()
+        super().__setattr__("_schedule", (phase, ramp))
+        buf = self._schedule_buffer()
+        super().__setattr__("_schedule_ready", buf is not None and ramp is not None)
+        super().__setattr__("_missing_epoch", getattr(self, "interval", None) is not None
+                            and getattr(self, "epoch", None) is None)
+        if buf is not None and ramp is not None:
+            alpha, beta = (phase.alpha, phase.beta) if phase is not None else (1.0, 1.0)
+            with torch.no_grad():
+                buf.copy_(torch.tensor([ramp, alpha, beta], dtype=buf.dtype))
+
+    def _schedule_buffer(self) -> torch.Tensor | None:
+        """``[ramp, alpha, beta]`` as a non-persistent buffer of the aggregator (so it moves with
+        ``model.to()``). A compiled step takes it as a tensor input: no Python float for dynamo
+        to specialise on (one compile however the ramp moves) and no CPU scalar created inside
+        a CUDA graph (which would make ``mode="reduce-overhead"`` skip CUDA graphs)."""
+        return getattr(self.__dict__.get("aggregator"), "_okd_schedule", None)
 
     def _evaluate_schedule(self) -> tuple[Any, float | None]:
         """(interval phase or None, KD ramp weight or None while it cannot be evaluated)."""
@@ -168,6 +200,9 @@ class OnlineKD:
         # Assigning to the model's slot registers the aggregator as a submodule, so
         # model.parameters() (what users optimise) includes its parameters.
         model.aggregator = aggregator
+        if "_okd_schedule" not in aggregator._buffers:
+            aggregator.register_buffer("_okd_schedule", torch.ones(3, device=ref.device if ref is not None else None),
+                                       persistent=False)
 
     # ------------------------------------------------------------------ progress
     def set_epoch(self, epoch: float, total_epochs: int | None = None) -> None:
@@ -257,12 +292,21 @@ class OnlineKD:
     def _loss(self, out: BranchedOutput, y: torch.Tensor, inputs: Any) -> LossOutput:
         parts: dict[str, torch.Tensor] = {}
         mask = valid_mask(y, out.logits[0])
-        if self.interval is not None and self.epoch is None:
+        if self._missing_epoch:  # a bool: reading the float epoch here would make dynamo guard on it
             raise RuntimeError(f"{self.interval!r} needs the epoch: call okd.set_epoch(epoch, total_epochs) "
                                f"at the start of every epoch")
-        phase, ramp_now = self._schedule if torch.compiler.is_compiling() else self._evaluate_schedule()
-        alpha = phase.alpha if phase is not None else 1.0
-        beta = phase.beta if phase is not None else 1.0
+        ramp_now: float | torch.Tensor | None
+        alpha: float | torch.Tensor
+        beta: float | torch.Tensor
+        sched = self._schedule_buffer() if torch.compiler.is_compiling() and self._schedule_ready else None
+        if sched is not None:
+            # Tensors the graph reads: the Python floats are not touched here, since dynamo would
+            # guard on their values (a recompile whenever the ramp moves).
+            phase = self._schedule[0]
+            ramp_now, alpha, beta = sched.float().unbind()
+        else:
+            phase, ramp_now = self._schedule if torch.compiler.is_compiling() else self._evaluate_schedule()
+            alpha, beta = (phase.alpha, phase.beta) if phase is not None else (1.0, 1.0)
 
         ce_total = out.logits[0].new_zeros((), dtype=torch.float32)
         for k, z in enumerate(out.logits):
@@ -287,9 +331,9 @@ class OnlineKD:
                 kd_total = kd_total + term.weight * kl
         kd_total = self.kd_weight * beta * ramp * kd_total
         parts["loss/kd"] = kd_total
-        parts["ramp"] = torch.tensor(ramp)
+        parts["ramp"] = _scalar(ramp, kd_total)
         if phase is not None:
-            parts["alpha"], parts["beta"] = torch.tensor(alpha), torch.tensor(phase.beta)
+            parts["alpha"], parts["beta"] = _scalar(alpha, kd_total), _scalar(beta, kd_total)
         total = total + kd_total
 
         if self.teacher is not None:

@@ -85,7 +85,29 @@ def test_schedule_changes_do_not_recompile():
         ramps.append(float(out.parts["ramp"]))
         assert float(out.parts["ramp"]) == pytest.approx(okd.ramp_value())
     assert len(set(ramps)) == 6
-    assert counter.frame_count <= 2  # the first value is specialised, then the ramp is a graph input
+    assert counter.frame_count == 1  # the ramp is a tensor input from the first call on
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["loop", "batched"])
+def test_compiled_graph_takes_no_python_scalars_and_makes_no_scalar_tensors(batched):
+    # What CUDA graphs (mode="reduce-overhead") need: a float graph input is specialised or
+    # re-recorded per value, and a scalar tensor created in the graph sits on the CPU.
+    model, okd = bf.method("one", TinyCifarResNet(num_classes=5), batched=batched)
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    step = torch.compile(lambda x, y: okd(model(x), y), fullgraph=True, backend=keep)
+    for s in range(2):
+        okd.set_step(s, steps_per_epoch=1, total_epochs=30)
+        step(torch.randn(2, 3, 16, 16), torch.randint(0, 5, (2,)))
+    (gm,) = graphs
+    inputs = [n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"]
+    assert all(isinstance(v, torch.Tensor) for v in inputs), [type(v).__name__ for v in inputs]
+    makers = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (torch.tensor, torch.scalar_tensor)]
+    assert not makers, makers
 
 
 @pytest.mark.parametrize("batched", [False, True], ids=["loop", "batched"])
@@ -120,3 +142,29 @@ def test_inductor_resnet32_matches_eager(batched):
     # noise - measured against float64 for eager and inductor alike, plain ResNet-32 included -
     # so gradients are compared at 2e-2 (relative norm), outputs and statistics at 1e-4.
     _check_matches_eager("one", lambda: resnet32(num_classes=5), batched, "inductor", atol=1e-4, grad_rtol=2e-2)
+
+
+def test_interval_weights_change_without_recompiling():
+    # MD's gradual alpha/beta move every distillation epoch; only the phase (which decides
+    # whether KD runs at all) may select another graph.
+    from branchify.aggregators import Mean
+    from branchify.schedules import IntervalSchedule
+
+    model = bf.branchify(TinyCifarResNet(num_classes=5), bf.Spec(splits=["layer3"], fanout=[2]))
+    okd = bf.OnlineKD(model, Mean(), interval=IntervalSchedule(independent=1, distill=3))
+    counter = CompileCounter()
+    step = torch.compile(lambda x, y: okd(model(x), y), fullgraph=True, backend=counter)
+    x, y = torch.randn(2, 3, 16, 16), torch.randint(0, 5, (2,))
+    seen = []
+    for epoch in (1, 2, 3):  # distillation epochs r = 0, 1, 2 of T_d = 3
+        okd.set_epoch(epoch, 8)
+        parts = step(x, y).parts
+        seen.append((float(parts["alpha"]), float(parts["beta"])))
+    assert [a for a, _ in seen] == pytest.approx([1.0, 2 / 3, 1 / 3])
+    assert [b for _, b in seen] == pytest.approx([1.0, 4 / 3, 5 / 3])
+    assert counter.frame_count == 1
+    okd.set_epoch(4, 8)  # the next cycle's independent epoch: KD off, another graph
+    assert float(step(x, y).parts["loss/kd"]) == 0.0
+    okd.set_epoch(5, 8)
+    assert float(step(x, y).parts["beta"]) == pytest.approx(1.0)
+    assert counter.frame_count == 2
