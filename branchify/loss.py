@@ -166,9 +166,15 @@ class OnlineKD:
         super().__setattr__("_missing_epoch", getattr(self, "interval", None) is not None
                             and getattr(self, "epoch", None) is None)
         if buf is not None and ramp is not None:
-            alpha, beta = (phase.alpha, phase.beta) if phase is not None else (1.0, 1.0)
+            values = (ramp, *((phase.alpha, phase.beta) if phase is not None else (1.0, 1.0)))
+            last = self.__dict__.get("_schedule_written")
             with torch.no_grad():
-                buf.copy_(torch.tensor([ramp, alpha, beta], dtype=buf.dtype))
+                # fill_ with a Python scalar is a kernel launch; copying from a CPU tensor would be a
+                # pageable host-to-device copy, which waits for the GPU's queue every step.
+                for i, v in enumerate(values):
+                    if last is None or last[0] is not buf or last[1][i] != v:
+                        buf[i].fill_(v)
+            super().__setattr__("_schedule_written", (buf, values))
 
     def _schedule_buffer(self) -> torch.Tensor | None:
         """``[ramp, alpha, beta]`` as a non-persistent buffer of the aggregator (so it moves with
