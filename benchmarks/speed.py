@@ -39,7 +39,7 @@ from .memory import step_memory
 CLASSES = 100
 
 TREES: dict[str, tuple[Callable[[], nn.Module], bf.Spec]] = {
-    "ONE": (lambda: HandONE(3, CLASSES), bf.Spec(splits=["layer3"], fanout=[3])),
+    "ONE": (lambda: HandONE(3, CLASSES, gate=False), bf.Spec(splits=["layer3"], fanout=[3])),
     "TSA-2-3": (lambda: HandTSA(CLASSES), bf.Spec(splits=["layer2", "layer3"], fanout=[2, 2])),
     "AHBF": (lambda: HandAHBF(4, 4, CLASSES), bf.Spec(splits=["layer3"], fanout=[4],
                                                       deepen={"layer3": [0, 4, 8, 12]})),

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     y = torch.randint(0, 100, (args.batch,), device=device)
     models = {
         "plain": resnet32(100),
-        "hand ONE-3": HandONE(3),
+        "hand ONE-3": HandONE(3, gate=False),
         "branchify ONE-3": bf.branchify(resnet32(100), bf.Spec(splits=["layer3"], fanout=[3])),
         "hand TSA-2-3": HandTSA(),
         "branchify TSA-2-3": bf.branchify(resnet32(100), bf.Spec(splits=["layer2", "layer3"], fanout=[2, 2])),

@@ -1,0 +1,471 @@
+"""CPU accuracy benchmark: branchify's methods and hand-written trees, same recipe, same run.
+
+Online KD pays where a model overfits (little data, long schedules), so the regime decides
+everything. ``pilot`` trains the hand-written trees only (baseline, ONE, TSA, DML) over a grid of
+regimes (depth, input size, training-set size, epochs, augmentation) to find one where they
+gain; ``run`` then trains every branchify method *and* the hand-written trees in that regime
+with one recipe: the same optimizer, schedule, augmentation, data subset and order, and init
+seed. Each run is one process with one thread (``--workers`` in parallel); every finished run
+is written to ``<out>/runs/<regime>/<implementation>-<method>-seed<k>.json`` at once, so an
+interrupted benchmark resumes where it stopped, and ``summarise`` rebuilds the tables and plot.
+
+    python -m benchmarks.accuracy_cpu pilot --seeds 0,1,2 --workers 2
+    python -m benchmarks.accuracy_cpu run --seeds 0,1,2,3,4 --workers 2
+    python -m benchmarks.accuracy_cpu summarise --out benchmarks/results/accuracy_cpu
+
+Recipe (both implementations): SGD with Nesterov momentum 0.9, weight decay 5e-4, OneCycleLR to
+``lr`` with 15% warm-up (torch's defaults otherwise, momentum cycling included), random crop +
+horizontal flip, fp32; Fashion-MNIST optionally downsampled 2x (14x14 costs a quarter of 28x28);
+a class-stratified training subset and a data order drawn from the seed; accuracy of the
+target leaf (what ``export()`` deploys) and of the leaves' mean probabilities on the full
+10,000-image test set after the last epoch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.common import machine_info
+
+HAND_METHODS = ["baseline", "one", "tsa", "dml"]
+BRANCHIFY_METHODS = ["dml", "cl_ilr", "one", "okddip", "tsa", "u_tsa", "ahbf"]
+ALL_METHODS = ["baseline", "dml", "cl_ilr", "one", "okddip", "tsa", "u_tsa", "ahbf"]
+DEFAULT_OUT = "benchmarks/results/accuracy_cpu"
+PILOT_OUT = "benchmarks/results/pilot_cpu"
+
+
+@dataclass(frozen=True)
+class Regime:
+    """One training setting: model size, data, schedule. ``name`` labels its results folder."""
+
+    name: str
+    depth: int = 8                 # CIFAR ResNet depth 6n+2 (8: one block per stage)
+    image_size: int = 14           # 28 (Fashion-MNIST as is) or 14 (2x average-pooled)
+    train_size: int = 1000         # class-stratified subset drawn from the seed
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float = 0.1                # OneCycle peak
+    weight_decay: float = 5e-4
+    pct_start: float = 0.15        # OneCycle warm-up fraction
+    augment: bool = True
+    eval_points: int = 4           # test evaluations spread over the run (the last one is reported)
+    method_args: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-method overrides
+
+    @property
+    def crop_padding(self) -> int:
+        return 2 if self.image_size >= 28 else 1
+
+
+PILOT_REGIMES = [
+    Regime("r8-14px-1k-100ep"),
+    Regime("r8-14px-500-200ep", train_size=500, epochs=200),
+    Regime("r8-14px-1k-100ep-noaug", augment=False),
+    Regime("r14-14px-1k-100ep", depth=14),
+    Regime("r8-14px-1k-300ep", epochs=300),
+    Regime("r8-28px-1k-100ep", image_size=28),
+]
+
+# The regime the full benchmark runs (chosen from the pilot; see benchmarks/README.md).
+BENCHMARK_REGIME = Regime("r8-14px-1k-100ep", method_args={"ahbf": {"aux": 1}})
+
+
+# ---------------------------------------------------------------------- data
+def load_data(regime: Regime, seed: int, root: str | None = None):
+    """``(train_loader, test_loader)`` for Fashion-MNIST at the regime's size, subset and seed."""
+    from recipes.data import DATASETS, TensorLoader, load_fashion_mnist
+
+    meta = DATASETS["fashion_mnist"]
+    x, y, xt, yt = load_fashion_mnist(root, regime.train_size, seed)
+    if regime.image_size != 28:
+        if 28 % regime.image_size:
+            raise ValueError(f"image_size={regime.image_size} must divide 28 (28 or 14)")
+        k = 28 // regime.image_size
+        x, xt = (F.avg_pool2d(t.float(), k).round().to(torch.uint8) for t in (x, xt))
+    train = TensorLoader(x, y, regime.batch_size, mean=meta.mean, std=meta.std, shuffle=True, seed=seed,
+                         augment=regime.augment, crop_padding=regime.crop_padding)
+    test = TensorLoader(xt, yt, 1000, mean=meta.mean, std=meta.std)
+    return train, test
+
+
+# ---------------------------------------------------------------------- models and losses
+def _net_fn(regime: Regime):
+    from recipes.zoo import CifarResNet
+
+    return lambda: CifarResNet(regime.depth, num_classes=10, in_channels=1)
+
+
+def _ramp(epoch: int, length: float) -> float:
+    """The sigmoid ramp ``exp(-5 (1 - e/L)^2)`` (ONE's code), written out for the hand-written ONE."""
+    if length <= 0 or epoch >= length:
+        return 1.0
+    return math.exp(-5.0 * (1.0 - epoch / length) ** 2)
+
+
+class _Hand:
+    """A hand-written tree with its loss: ``loss(x, y, epoch)`` and ``leaves(x)``."""
+
+    def __init__(self, method: str, regime: Regime) -> None:
+        from benchmarks import handwritten as hw
+
+        net_fn = _net_fn(regime)
+        self.method, self.epochs = method, regime.epochs
+        self.model: nn.Module = {
+            "baseline": lambda: hw.HandBaseline(net_fn),
+            "one": lambda: hw.HandONE(3, net_fn=net_fn),
+            "tsa": lambda: hw.HandTSA(net_fn=net_fn),
+            "dml": lambda: hw.HandDML(2, net_fn=net_fn),
+        }[method]()
+        self.target = 0
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor:
+        from benchmarks import handwritten as hw
+
+        if self.method == "baseline":
+            return F.cross_entropy(self.model(x)[0], y)
+        if self.method == "one":  # ONE's ramp: 80 of 300 epochs, scaled to the run (branchify's default)
+            logits, trunk = self.model.forward_tree(x)
+            return hw.one_loss(logits, trunk, self.model.gate, y, T=3.0, ramp=_ramp(epoch, 80 / 300 * self.epochs))
+        if self.method == "tsa":
+            return hw.pairwise_loss(self.model(x), y, T=3.0, alpha=0.5)
+        return hw.pairwise_loss(self.model(x), y, T=1.0)  # dml
+
+    def leaves(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.model(x)
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
+def parse_variant(label: str) -> tuple[str, dict[str, Any]]:
+    """``"ahbf:lambdas=[1,1]:aux=1"`` -> ``("ahbf", {"lambdas": [1, 1], "aux": 1})``: a preset and overrides.
+
+    Example:
+        >>> parse_variant("ahbf:lambdas=[1,1]:deepen_init=standard")
+        ('ahbf', {'lambdas': [1, 1], 'deepen_init': 'standard'})
+    """
+    import yaml
+
+    name, *pairs = label.split(":")
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"variant {label!r}: write overrides as key=value after the method, e.g. ahbf:aux=1")
+        overrides[key] = yaml.safe_load(value)
+    return name, overrides
+
+
+class _Branchified:
+    """A branchify preset around the same network: ``bf.method(name, net, model_fn=...)``; ``method``
+    may carry overrides (see :func:`parse_variant`), on top of the regime's per-method ones."""
+
+    def __init__(self, method: str, regime: Regime) -> None:
+        import branchify as bf
+
+        net_fn = _net_fn(regime)
+        name, overrides = parse_variant(method)
+        overrides = {**regime.method_args.get(name, {}), **overrides}
+        self.model, self.okd = bf.method(name, net_fn(), model_fn=net_fn, **overrides)
+        self.epochs = regime.epochs
+        self.target = self.model.spec.target
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor:
+        return self.okd(self.model(x), y).total
+
+    def leaves(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.model(x).logits
+
+    def set_epoch(self, epoch: int) -> None:
+        self.okd.set_epoch(epoch, self.epochs)
+
+
+@torch.no_grad()
+def evaluate(trainee, loader) -> dict[str, Any]:
+    """Target-leaf, ensemble (mean probabilities) and per-leaf accuracy (%) on a whole loader."""
+    trainee.model.eval()
+    hits, ens, n = None, 0, 0
+    for x, y in loader:
+        logits = trainee.leaves(x)
+        h = torch.stack([(z.argmax(-1) == y).sum() for z in logits])
+        hits = h if hits is None else hits + h
+        ens += int((torch.stack([z.softmax(-1) for z in logits]).mean(0).argmax(-1) == y).sum())
+        n += len(y)
+    trainee.model.train()
+    leaf = (hits.double() / n * 100).tolist()
+    return {"target_acc": leaf[trainee.target], "ensemble_acc": ens / n * 100, "leaf_accs": leaf}
+
+
+def train_run(regime: Regime, method: str, implementation: str, seed: int, *, data_root: str | None = None,
+              progress: bool = False) -> dict[str, Any]:
+    """Train one (regime, method, implementation, seed) and return its result record."""
+    train_loader, test_loader = load_data(regime, seed, data_root)
+    torch.manual_seed(seed)
+    trainee = (_Hand if implementation == "handwritten" else _Branchified)(method, regime)
+    params = [p for p in trainee.model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=regime.lr, momentum=0.9, nesterov=True, weight_decay=regime.weight_decay)
+    steps = len(train_loader)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=regime.lr, total_steps=regime.epochs * steps,
+                                                pct_start=regime.pct_start)
+    evals = {round(regime.epochs * (i + 1) / regime.eval_points) for i in range(regime.eval_points)}
+    bar = _bar(regime.epochs * steps, f"{implementation}/{method}/seed{seed}", progress)
+    history, t0, train_s = [], time.perf_counter(), 0.0
+    trainee.model.train()
+    for epoch in range(regime.epochs):
+        trainee.set_epoch(epoch)
+        t_epoch = time.perf_counter()
+        for x, y in train_loader:
+            loss = trainee.loss(x, y, epoch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{implementation} {method} seed {seed}: loss {float(loss)} at epoch {epoch}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+        train_s += time.perf_counter() - t_epoch
+        if epoch + 1 in evals:
+            metrics = evaluate(trainee, test_loader)
+            history.append({"epoch": epoch + 1, "loss": loss.item(), **metrics})
+            bar.set_postfix(acc=f"{metrics['target_acc']:.2f}")
+    bar.close()
+    final = history[-1]
+    return {"regime": regime.name, "method": method, "implementation": implementation, "seed": seed,
+            "target_acc": final["target_acc"], "ensemble_acc": final["ensemble_acc"],
+            "leaf_accs": final["leaf_accs"], "train_seconds": train_s,
+            "wall_seconds": time.perf_counter() - t0,
+            "trained_params": sum(p.numel() for p in params), "history": history,
+            "regime_config": asdict(regime)}
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        class _No:
+            def update(self, n): ...
+            def set_postfix(self, **kw): ...
+            def close(self): ...
+        return _No()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------- the pool
+def run_path(out: Path, regime: str, implementation: str, method: str, seed: int) -> Path:
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in method.replace(":", "__").replace("=", "-"))
+    return out / "runs" / regime / f"{implementation}-{safe}-seed{seed}.json"
+
+
+def _worker(job: tuple[dict, str, str, int, str, str | None]) -> str:
+    regime_dict, method, implementation, seed, out, root = job
+    torch.set_num_threads(1)
+    regime = Regime(**regime_dict)
+    path = run_path(Path(out), regime.name, implementation, method, seed)
+    try:
+        rec = train_run(regime, method, implementation, seed, data_root=root)
+    except Exception as exc:  # one failed run must not stop the others; it is retried on resume
+        return f"FAILED {regime.name} {implementation} {method} seed {seed}: {type(exc).__name__}: {exc}"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec))
+    tmp.replace(path)  # atomic: a killed run leaves no half-written result
+    return (f"{regime.name:24s} {implementation:11s} {method:8s} seed {seed}: target {rec['target_acc']:.2f}% "
+            f"ensemble {rec['ensemble_acc']:.2f}% ({rec['train_seconds']:.0f}s)")
+
+
+def run_jobs(jobs: list[tuple[Regime, str, str, int]], out: Path, workers: int, root: str | None) -> None:
+    """Run every job whose result file is missing, ``workers`` processes at a time."""
+    todo = [j for j in jobs if not run_path(out, j[0].name, j[2], j[1], j[3]).exists()]
+    print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already on disk under {out}/runs; {len(todo)} to go "
+          f"on {workers} worker(s)", flush=True)
+    for regime, *_ in todo:
+        (out / "runs" / regime.name).mkdir(parents=True, exist_ok=True)
+    payload = [(asdict(r), m, impl, s, str(out), root) for r, m, impl, s in todo]
+    t0 = time.perf_counter()
+    with mp.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:
+        for i, msg in enumerate(pool.imap_unordered(_worker, payload), 1):
+            print(f"[{i}/{len(todo)} {time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------- summary
+def load_records(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*.json"))]
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """One row per (regime, implementation, method): mean +- std and the paired gain over the
+    baseline of the same seeds (mean +- standard error)."""
+    rows = []
+    by_key: dict[tuple, dict[int, dict]] = {}
+    for r in records:
+        by_key.setdefault((r["regime"], r["implementation"], r["method"]), {})[r["seed"]] = r
+    order = {m: i for i, m in enumerate(ALL_METHODS)}
+    for (regime, impl, method), seeds in sorted(by_key.items(),
+                                                key=lambda kv: (kv[0][0], kv[0][2] != "baseline",
+                                                                order.get(kv[0][2].split(":")[0], 99),
+                                                                kv[0][2], kv[0][1])):
+        base = by_key.get((regime, "handwritten", "baseline"), {})
+        accs = [seeds[s]["target_acc"] for s in sorted(seeds)]
+        ens = [seeds[s]["ensemble_acc"] for s in sorted(seeds)]
+        diffs = [seeds[s]["target_acc"] - base[s]["target_acc"] for s in sorted(seeds) if s in base]
+        m, sd = _mean_std(accs)
+        em, esd = _mean_std(ens)
+        row = {"regime": regime, "implementation": impl, "method": method, "seeds": len(accs),
+               "target_mean": m, "target_std": sd, "ensemble_mean": em, "ensemble_std": esd,
+               "train_seconds": statistics.fmean(seeds[s]["train_seconds"] for s in seeds)}
+        if method != "baseline" and len(diffs) > 0:
+            dm, dsd = _mean_std(diffs)
+            row.update(gain_mean=dm, gain_se=dsd / math.sqrt(len(diffs)), paired_seeds=len(diffs))
+        rows.append(row)
+    return rows
+
+
+def twin_check(rows: list[dict]) -> list[dict]:
+    """branchify vs its hand-written twin: difference of mean target accuracy and its standard error."""
+    index = {(r["regime"], r["implementation"], r["method"]): r for r in rows}
+    out = []
+    for (regime, impl, method), r in index.items():
+        hand = index.get((regime, "handwritten", method))
+        if impl != "branchify" or hand is None:
+            continue
+        se = math.sqrt(r["target_std"] ** 2 / r["seeds"] + hand["target_std"] ** 2 / hand["seeds"])
+        diff = r["target_mean"] - hand["target_mean"]
+        out.append({"regime": regime, "method": method, "diff": diff, "se": se,
+                    "within_2se": bool(diff >= -2 * se)})
+    return out
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = ["| regime | implementation | method | seeds | target acc (%) | gain vs baseline (paired, ±SE) "
+             "| ensemble acc (%) | train s/run |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        gain = f"{r['gain_mean']:+.2f} ± {r['gain_se']:.2f}" if "gain_mean" in r else "-"
+        lines.append(f"| {r['regime']} | {r['implementation']} | {r['method']} | {r['seeds']} | "
+                     f"{r['target_mean']:.2f} ± {r['target_std']:.2f} | {gain} | "
+                     f"{r['ensemble_mean']:.2f} ± {r['ensemble_std']:.2f} | {r['train_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: Path, regime: str) -> Path:
+    """Per-method target accuracy of every seed, hand-written and branchify side by side, with the
+    baseline's mean +- std as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in records if r["regime"] == regime]
+    base = [r["target_acc"] for r in recs if r["method"] == "baseline"]
+    methods = [m for m in ALL_METHODS if any(r["method"] == m for r in recs)]
+    fig, ax = plt.subplots(figsize=(1.1 * len(methods) + 2.5, 4.2))
+    if base:
+        bm, bsd = _mean_std(base)
+        ax.axhspan(bm - bsd, bm + bsd, color="0.85", label=f"baseline {bm:.2f} ± {bsd:.2f}")
+        ax.axhline(bm, color="0.5", lw=1)
+    colours = {"handwritten": "tab:blue", "branchify": "tab:red"}
+    for i, m in enumerate(methods):
+        for j, impl in enumerate(("handwritten", "branchify")):
+            pts = [r["target_acc"] for r in recs if r["method"] == m and r["implementation"] == impl]
+            if not pts:
+                continue
+            x = i + (j - 0.5) * 0.3 if m != "baseline" else i
+            ax.scatter([x] * len(pts), pts, color=colours[impl], s=18, alpha=0.8,
+                       label=impl if i == 1 or (m == "baseline" and impl == "handwritten") else None)
+            ax.hlines(statistics.fmean(pts), x - 0.12, x + 0.12, color=colours[impl], lw=2)
+    ax.set_xticks(range(len(methods)), methods)
+    ax.set_ylabel("target-leaf test accuracy (%)")
+    ax.set_title(f"Fashion-MNIST, {regime}: every seed (dots), mean (bar)")
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    ax.legend(uniq.values(), uniq.keys(), fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_summary(out: Path, title: str) -> str:
+    records = load_records(out)
+    rows = summarise(records)
+    twins = twin_check(rows)
+    text = [f"# {title}", "", format_rows(rows)]
+    if twins:
+        text += ["", "| regime | method | branchify - hand-written | 2 SE | within 2 SE |", "|---|---|---|---|---|"]
+        text += [f"| {t['regime']} | {t['method']} | {t['diff']:+.2f} | {2 * t['se']:.2f} | "
+                 f"{'yes' if t['within_2se'] else 'NO'} |" for t in twins]
+    (out / "summary.md").write_text("\n".join(text) + "\n")
+    (out / "results.json").write_text(json.dumps(
+        {"machine": machine_info(torch.device("cpu")), "summary": rows, "twins": twins,
+         "runs": [{k: v for k, v in r.items() if k != "history"} for r in records]}, indent=1))
+    for regime in sorted({r["regime"] for r in records}):
+        plot(records, out / f"accuracy_{regime}.png", regime)
+    return "\n".join(text)
+
+
+# ---------------------------------------------------------------------- CLI
+def _seeds(text: str) -> list[int]:
+    return [int(s) for s in text.split(",") if s.strip()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["pilot", "run", "variants", "summarise"])
+    p.add_argument("--seeds", type=_seeds, default=None, help="comma-separated (pilot: 0,1,2; run: 0..4)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", default=None)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--regimes", default=None, help="pilot: comma-separated names to run (default all); "
+                                                   "variants: the one regime (a pilot regime's name)")
+    p.add_argument("--variants", default=None,
+                   help="variants: ';'-separated branchify variants, e.g. 'ahbf:lambdas=[1,1];ahbf:aux=1' "
+                        "(the hand-written baseline of the same seeds is added)")
+    args = p.parse_args(argv)
+    out = Path(args.out or (PILOT_OUT if args.command == "pilot" else DEFAULT_OUT))
+    if args.command == "pilot":
+        seeds = args.seeds or [0, 1, 2]
+        regimes = PILOT_REGIMES if args.regimes is None else [r for r in PILOT_REGIMES if r.name in args.regimes.split(",")]
+        jobs = [(r, m, "handwritten", s) for r in regimes for s in seeds for m in HAND_METHODS]
+        run_jobs(jobs, out, args.workers, args.data_root)
+        title = "CPU pilot: hand-written trees over regimes"
+    elif args.command == "run":
+        seeds = args.seeds or [0, 1, 2, 3, 4]
+        r = BENCHMARK_REGIME
+        jobs = [(r, m, "handwritten", s) for s in seeds for m in HAND_METHODS]
+        jobs += [(r, m, "branchify", s) for s in seeds for m in BRANCHIFY_METHODS]
+        run_jobs(jobs, out, args.workers, args.data_root)
+        title = f"CPU accuracy benchmark: {r.name}"
+    elif args.command == "variants":
+        seeds = args.seeds or [0, 1, 2]
+        regimes = {r.name: r for r in [*PILOT_REGIMES, BENCHMARK_REGIME]}
+        if args.regimes not in regimes or not args.variants:
+            p.error(f"variants needs --regimes <one of {sorted(regimes)}> and --variants 'm:k=v;...'")
+        r = regimes[args.regimes]
+        labels = [v for v in args.variants.split(";") if v]
+        for v in labels:
+            parse_variant(v)  # malformed labels fail here, before anything trains
+        jobs = [(r, "baseline", "handwritten", s) for s in seeds]
+        jobs += [(r, v, "branchify", s) for s in seeds for v in labels]
+        run_jobs(jobs, out, args.workers, args.data_root)
+        title = f"CPU variants: {r.name}"
+    else:
+        title = "CPU accuracy benchmark"
+    print(write_summary(out, title))
+
+
+if __name__ == "__main__":
+    main()
