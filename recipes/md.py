@@ -8,7 +8,7 @@ repeated) - and prints each peer's accuracy side by side, plus the peers' ensemb
     python -m recipes.md                           # CPU: resnet20 + mobilenetv2_0.5, 1000 images, 8 epochs
     python -m recipes.md --models resnet20,mobilenetv2_0.5,vgg16 --subset 5000 --epochs 160 --t-in 10 --t-d 30
     python -m recipes.md --fixed-weights           # also the ablation alpha = 1, beta = 2
-    python -m recipes.md --runs md --paper-kl      # only the MD run (recipes.md_benchmark runs one kind per job)
+    python -m recipes.md --runs md                 # only the MD run (recipes.md_benchmark runs one kind per job)
     torchrun --nproc_per_node 2 -m recipes.md --distributed    # one peer per rank (gloo / nccl)
     python -m recipes.md --smoke                   # seconds: tiny subset, 3 epochs
 
@@ -16,9 +16,10 @@ The CPU default is a demonstration of the protocol, not of MD's benefit: with a 
 few epochs the fixed soft labels come from barely trained peers (one cycle, computed after
 ``T_in = 3`` epochs) and pull the students toward a teacher weaker than where independent
 training ends. The paper's setting is ``T_in = 10, T_d = 30`` repeated over a full CIFAR schedule.
-Over 3 seeds of that default (README), the t^2 factor on the KL (branchify's convention; with
-beta up to 2 the KL term weighs up to 18 against alpha <= 1) costs MD 11-12 points against independent
-training, and ``--paper-kl`` (the paper's Eq. 9) about one: prefer ``--paper-kl`` for MD.
+The KL term is the paper's Eq. 9, without a t^2 factor; ``--kd-t2`` multiplies it by t^2 (the
+other methods' convention). Over 3 seeds of the CPU default (README) the t^2 factor (with beta up
+to 2 the KL term then weighs up to 18 against alpha <= 1) costs MD 11-12 points against
+independent training, Eq. 9 about one.
 
 Each run kind (``--runs``: ``independent``, ``md``, ``md_fixed``) builds its peers and data order
 from ``--seed`` alone, so a kind run on its own trains like it does next to the others.
@@ -69,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(default: independent,md, plus md_fixed with --fixed-weights)")
     p.add_argument("--fixed-weights", action="store_true",
                    help="also run the ablation alpha = 1, beta = 2 (adds md_fixed to --runs)")
-    p.add_argument("--paper-kl", action="store_true",
-                   help="KL without the t^2 factor (the paper's Eq. 9); default: t^2 * KL like every branchify KD term")
+    p.add_argument("--kd-t2", action="store_true",
+                   help="multiply the KL by t^2 (the other methods' convention); default: the paper's Eq. 9, no t^2")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--lrs", help="per-model learning rates, comma-separated (overrides --lr)")
@@ -171,7 +172,7 @@ def run(kind: str, args: argparse.Namespace, models: list[str], mine: list[int],
     trainer = MDTrainer(cohort, opts, data["train"], soft_label_loader=data["soft"] if schedule else None,
                         schedule=schedule, temperature=args.temperature, val_loader=data["val"],
                         lr_schedulers=scheds, lr_step="step", peer_ids=mine, exchange=exchange, seed=args.seed,
-                        kd_t2=not args.paper_kl, checkpoint_dir=ckpt)
+                        kd_t2=args.kd_t2, checkpoint_dir=ckpt)
     t0 = time.perf_counter()
     history = trainer.fit(args.epochs, callback=lambda rec: _progress(kind, rec, exchange.rank))
     seconds = time.perf_counter() - t0
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"{args.dataset}, {data['sizes']['train']} training images"
               f"{', ' + str(args.val) + ' validation' if args.val else ''}, {data['sizes']['test']} test images, "
               f"{args.epochs} epochs, MD T_in={args.t_in} T_d={args.t_d} t={args.temperature:g}"
-              f"{' (KL without t^2)' if args.paper_kl else ''}, "
+              f"{' (KL x t^2)' if args.kd_t2 else ''}, "
               f"{world} process(es), device {device}, {torch.get_num_threads()} CPU thread(s)")
     table = format_table(models, results)
     weights = format_weights(results)

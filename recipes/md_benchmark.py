@@ -7,17 +7,17 @@ seed start from the same weights and see the same batches. Small models are laun
 GPU, so a pool of ``--workers`` concurrent jobs keeps it busy.
 
 A variant is a run kind (``independent``, ``md``, ``md_fixed``), optionally followed by ``:`` and
-``recipes.md`` flags without their dashes (``md:paper-kl``, ``md:temperature=4``,
-``md:paper-kl:temperature=4``), optionally followed by ``@`` and ``+``-separated seeds that
-replace ``--seeds`` for that variant (``md_fixed@0``, ``md:paper-kl@0+1``). Arguments after
+``recipes.md`` flags without their dashes (``md:kd-t2``, ``md:temperature=4``,
+``md:kd-t2:temperature=4``), optionally followed by ``@`` and ``+``-separated seeds that
+replace ``--seeds`` for that variant (``md_fixed@0``, ``md:kd-t2@0+1``). Arguments after
 ``--`` go to every job.
 
     python -m recipes.md_benchmark --models resnet32,vgg16,mobilenetv2_0.5 --seeds 0,1,2 \\
-        --variants independent,md,md:paper-kl,md_fixed@0 --workers 10 --out benchmarks/results/md_accuracy \\
+        --variants independent,md,md:kd-t2,md_fixed@0 --workers 10 --out benchmarks/results/md_accuracy \\
         -- --subset 5000 --test-subset 0 --epochs 60 --t-in 10 --t-d 30 --batch-size 128 --lr 0.1
     python -m recipes.md_benchmark --summarise --out benchmarks/results/md_accuracy
     python -m recipes.md_benchmark --variants md,md:temperature=4 --dry-run    # only print the commands
-    python -m recipes.md_benchmark --seeds 0 --variants independent,md:paper-kl --workers 2 -- --smoke
+    python -m recipes.md_benchmark --seeds 0 --variants independent,md:kd-t2 --workers 2 -- --smoke
 
 Writes ``<out>/runs/<variant>-seed<k>/`` as each job finishes (``recipes.md``'s ``results.json``
 and ``summary.md``, plus ``job.json``: variant, seed, command, exit status, wall time) and the
@@ -65,7 +65,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @dataclass
 class Job:
-    variant: str  # the label, e.g. "md:paper-kl"
+    variant: str  # the label, e.g. "md:kd-t2"
     kind: str
     flags: list[str]  # the variant's recipes.md flags
     seed: int
@@ -87,8 +87,8 @@ def md_options() -> set[str]:
 
 
 def parse_variant(text: str) -> tuple[str, str, list[str], list[int] | None]:
-    """``"md:paper-kl:temperature=4@0+1"`` -> ``("md:paper-kl:temperature=4", "md",
-    ["--paper-kl", "--temperature", "4"], [0, 1])``: label, run kind, recipes.md flags, seeds.
+    """``"md:kd-t2:temperature=4@0+1"`` -> ``("md:kd-t2:temperature=4", "md",
+    ["--kd-t2", "--temperature", "4"], [0, 1])``: label, run kind, recipes.md flags, seeds.
 
     Raises:
         SystemExit: for an unknown run kind or flag, a flag the benchmark sets itself, or bad seeds.
@@ -98,7 +98,7 @@ def parse_variant(text: str) -> tuple[str, str, list[str], list[int] | None]:
     if kind not in RUNS:
         raise SystemExit(f"variant {text!r}: unknown run kind {kind!r}; a variant is a run kind out of "
                          f"{', '.join(RUNS)}, optionally followed by ':' and recipes.md flags without "
-                         f"their dashes (md:paper-kl, md:temperature=4) and '@' seeds (md_fixed@0)")
+                         f"their dashes (md:kd-t2, md:temperature=4) and '@' seeds (md_fixed@0)")
     options, flags = md_options(), []
     for pair in pairs:
         name, eq, value = pair.partition("=")
@@ -127,7 +127,7 @@ def check_extra(extra: list[str]) -> None:
 
 
 def folder_name(label: str, seed: int) -> str:
-    """``"md:paper-kl", 1`` -> ``"md_paper-kl-seed1"``: a file-system-safe folder name."""
+    """``"md:kd-t2", 1`` -> ``"md_kd-t2-seed1"``: a file-system-safe folder name."""
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", label.replace(":", "_").replace("=", "-")) + f"-seed{seed}"
 
 
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="resnet20,mobilenetv2_0.5", help="comma-separated recipes.zoo names")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--variants", default="independent,md",
-                   help="comma-separated KIND[:flag[=value]...][@seed+seed...], e.g. independent,md,md:paper-kl")
+                   help="comma-separated KIND[:flag[=value]...][@seed+seed...], e.g. independent,md,md:kd-t2")
     p.add_argument("--workers", type=int, default=1, help="concurrent recipes.md subprocesses")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per job")
     p.add_argument("--out", default="benchmarks/results/md_accuracy")

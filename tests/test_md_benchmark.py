@@ -22,7 +22,7 @@ TINY = ["--subset", "100", "--test-subset", "100", "--epochs", "2", "--t-in", "1
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("md_bench")
-    argv = ["--models", ",".join(MODELS), "--seeds", "0", "--variants", "independent,md:paper-kl",
+    argv = ["--models", ",".join(MODELS), "--seeds", "0", "--variants", "independent,md:kd-t2",
             "--workers", "2", "--out", str(out), "--", *TINY]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
@@ -42,11 +42,11 @@ def test_two_variants_run_concurrently_and_are_tabulated(bench):
     out, printed = bench["out"], bench["printed"]
     assert bench["rc"] == 0, printed
     assert "[" in printed and "1/2]" in printed and "2/2]" in printed  # one progress line per job
-    for name in ("independent-seed0", "md_paper-kl-seed0"):
+    for name in ("independent-seed0", "md_kd-t2-seed0"):
         assert (out / "runs" / name / "results.json").is_file()
         assert (out / "runs" / f"{name}.log").stat().st_size > 0
-    job = json.loads((out / "runs" / "md_paper-kl-seed0" / "job.json").read_text())
-    assert job["command"][job["command"].index("--runs") + 1] == "md" and "--paper-kl" in job["command"]
+    job = json.loads((out / "runs" / "md_kd-t2-seed0" / "job.json").read_text())
+    assert job["command"][job["command"].index("--runs") + 1] == "md" and "--kd-t2" in job["command"]
     assert job["command"][-len(TINY):] == TINY and job["returncode"] == 0
 
     summary = (out / "summary.md").read_text()
@@ -54,30 +54,30 @@ def test_two_variants_run_concurrently_and_are_tabulated(bench):
                               "MD T_in=1 T_d=1 t=3.0, batch 50")
     assert "machine: " in summary.splitlines()[0]
     table = _table(summary)
-    assert table[0] == ["peer", "independent (%)", "md:paper-kl (%)", "md:paper-kl vs independent"]
+    assert table[0] == ["peer", "independent (%)", "md:kd-t2 (%)", "md:kd-t2 vs independent"]
     assert [r[0] for r in table[1:]] == [*MODELS, "ensemble"]
     for row in table[1:]:
         ind, paper = float(row[1]), float(row[2])  # one seed: no "±"
         assert float(row[3]) == pytest.approx(paper - ind, abs=0.011)
-    assert "| independent | 1 |" in summary and "| md:paper-kl | 1 |" in summary  # the timing table
+    assert "| independent | 1 |" in summary and "| md:kd-t2 | 1 |" in summary  # the timing table
     assert summary in printed  # the tables are printed too
 
     results = json.loads((out / "results.json").read_text())
-    assert results["models"] == MODELS and results["variants"] == ["independent", "md:paper-kl"]
+    assert results["models"] == MODELS and results["variants"] == ["independent", "md:kd-t2"]
     assert results["settings"]["epochs"] == "2" and results["settings"]["T_in"] == "1"
     assert {(j["variant"], j["kind"], j["seed"]) for j in results["jobs"]} == {
-        ("independent", "independent", 0), ("md:paper-kl", "md", 0)}
+        ("independent", "independent", 0), ("md:kd-t2", "md", 0)}
     for j in results["jobs"]:
         assert len(j["acc"]) == 2 and all(0.0 <= a <= 100.0 for a in j["acc"])
         assert 0.0 <= j["ensemble_acc"] <= 100.0 and j["seconds"] > 0
     by_variant = {j["variant"]: j for j in results["jobs"]}
     assert by_variant["independent"]["cycles"] == []
-    (cycle,) = by_variant["md:paper-kl"]["cycles"]  # epoch 1 starts the one distillation phase
+    (cycle,) = by_variant["md:kd-t2"]["cycles"]  # epoch 1 starts the one distillation phase
     assert cycle["epoch"] == 1 and sum(cycle["weights"]) == pytest.approx(1.0)
     ens = results["summary"][-1]
-    assert ens["peer"] == "ensemble" and ens["variants"]["md:paper-kl"]["n"] == 1
-    assert ens["vs_independent"]["md:paper-kl"] == pytest.approx(
-        by_variant["md:paper-kl"]["ensemble_acc"] - by_variant["independent"]["ensemble_acc"])
+    assert ens["peer"] == "ensemble" and ens["variants"]["md:kd-t2"]["n"] == 1
+    assert ens["vs_independent"]["md:kd-t2"] == pytest.approx(
+        by_variant["md:kd-t2"]["ensemble_acc"] - by_variant["independent"]["ensemble_acc"])
 
 
 @needs_data
@@ -112,8 +112,8 @@ def test_bad_variants_give_clear_errors(tmp_path):
 
 
 def test_variant_parsing_and_folder_names():
-    assert md_benchmark.parse_variant("md:paper-kl:temperature=4@0+2") == (
-        "md:paper-kl:temperature=4", "md", ["--paper-kl", "--temperature", "4"], [0, 2])
+    assert md_benchmark.parse_variant("md:kd-t2:temperature=4@0+2") == (
+        "md:kd-t2:temperature=4", "md", ["--kd-t2", "--temperature", "4"], [0, 2])
     assert md_benchmark.parse_variant("independent") == ("independent", "independent", [], None)
     assert md_benchmark.folder_name("md:temperature=4", 1) == "md_temperature-4-seed1"
     jobs = md_benchmark.make_jobs(["independent", "md", "md_fixed@0"], [0, 1], md_benchmark.Path("o"))
@@ -123,13 +123,13 @@ def test_variant_parsing_and_folder_names():
 
 def test_dry_run_prints_the_commands_and_runs_nothing(tmp_path, capsys):
     out = tmp_path / "dry"
-    assert md_benchmark.main(["--seeds", "0,1", "--variants", "md:paper-kl,independent@1", "--dry-run",
+    assert md_benchmark.main(["--seeds", "0,1", "--variants", "md:kd-t2,independent@1", "--dry-run",
                               "--out", str(out), "--", "--epochs", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines == [
-        f"-m recipes.md --runs md --seed 0 --paper-kl --out {out}/runs/md_paper-kl-seed0 "
+        f"-m recipes.md --runs md --seed 0 --kd-t2 --out {out}/runs/md_kd-t2-seed0 "
         "--models resnet20,mobilenetv2_0.5 --threads 1 --epochs 3",
-        f"-m recipes.md --runs md --seed 1 --paper-kl --out {out}/runs/md_paper-kl-seed1 "
+        f"-m recipes.md --runs md --seed 1 --kd-t2 --out {out}/runs/md_kd-t2-seed1 "
         "--models resnet20,mobilenetv2_0.5 --threads 1 --epochs 3",
         f"-m recipes.md --runs independent --seed 1 --out {out}/runs/independent-seed1 "
         "--models resnet20,mobilenetv2_0.5 --threads 1 --epochs 3"]
