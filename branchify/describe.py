@@ -70,7 +70,9 @@ def describe(model: "BranchedModel", *example_inputs: Any, **kwargs: Any) -> str
     params = {k: sum(p.numel() for p in seg.parameters()) for k, seg in model.segments.items()}
     spec = model.spec
     lines = [f"BranchedModel: {spec.num_leaves} leaves, splits {spec.splits}, fanout {spec.fanout}"
-             + (f", deepen {spec.deepen}" if spec.deepen else ""),
+             + (f", deepen {spec.deepen} (appended blocks start as "
+                f"{'the identity' if spec.deepen_init == 'identity' else 'freshly initialised blocks'})"
+                if spec.deepen else ""),
              f"replica init: {model.init_used}", "tree:"]
     g = spec.graph()
 

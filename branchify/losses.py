@@ -15,6 +15,11 @@ IGNORE_INDEX = -100
 """Label value that marks a position to ignore (padding tokens)."""
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in at least float32: half precision is widened, float64 stays float64 (for checks)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def valid_mask(labels: torch.Tensor | None, logits: torch.Tensor,
                ignore_index: int = IGNORE_INDEX) -> torch.Tensor | None:
     """Boolean mask over ``logits.shape[:-1]`` of the positions that count, or ``None`` (all count).
@@ -50,7 +55,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
         1.3862943649291992
     """
     mask = valid_mask(labels, logits, ignore_index)
-    logp = F.log_softmax(logits.float(), dim=-1)
+    logp = F.log_softmax(_wide(logits), dim=-1)
     safe = labels.masked_fill(~mask, 0).long() if mask is not None else labels.long()
     nll = -logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return _masked_mean(nll, mask)
@@ -68,8 +73,8 @@ def kl_div_log_probs(teacher_log_probs: torch.Tensor, student_log_probs: torch.T
         >>> float(kl_div_log_probs(lp, lp))
         0.0
     """
-    t_log = teacher_log_probs.float()
-    s_log = student_log_probs.float()
+    t_log = _wide(teacher_log_probs)
+    s_log = _wide(student_log_probs)
     t = t_log.exp()
     diff = torch.where(t > 0, t_log - s_log, torch.zeros_like(t_log))
     return _masked_mean((t * diff).sum(dim=-1), mask)
@@ -84,8 +89,8 @@ def kl_div_logits(teacher_logits: torch.Tensor, student_logits: torch.Tensor, T:
         >>> float(kl_div_logits(z, z, T=3.0))
         0.0
     """
-    t_log = F.log_softmax(teacher_logits.float() / T, dim=-1)
-    s_log = F.log_softmax(student_logits.float() / T, dim=-1)
+    t_log = F.log_softmax(_wide(teacher_logits) / T, dim=-1)
+    s_log = F.log_softmax(_wide(student_logits) / T, dim=-1)
     return T * T * kl_div_log_probs(t_log, s_log, mask)
 
 
@@ -102,8 +107,8 @@ def mixture_log_probs(component_logits: torch.Tensor, log_weights: torch.Tensor,
         >>> torch.allclose(mix.exp(), torch.softmax(z / 2, -1).mean(0))
         True
     """
-    comp = F.log_softmax(component_logits.float() / T, dim=-1)
-    lw = log_weights.float()
+    comp = F.log_softmax(_wide(component_logits) / T, dim=-1)
+    lw = _wide(log_weights)
     lw = lw.reshape(*lw.shape, *([1] * (comp.dim() - lw.dim())))
     return torch.logsumexp(lw + comp, dim=0)
 
@@ -118,7 +123,7 @@ def kl_div_mixture(component_logits: torch.Tensor, log_weights: torch.Tensor, st
         True
     """
     t_log = mixture_log_probs(component_logits, log_weights, T)
-    s_log = F.log_softmax(student_logits.float() / T, dim=-1)
+    s_log = F.log_softmax(_wide(student_logits) / T, dim=-1)
     return T * T * kl_div_log_probs(t_log, s_log, mask)
 
 
@@ -134,7 +139,7 @@ def kl_div_probs(teacher_probs: torch.Tensor, student_logits: torch.Tensor, T: f
         >>> float(kl_div_probs(torch.softmax(z / 3, -1), z, T=3.0)) < 1e-6
         True
     """
-    p = teacher_probs.float()
-    s_log = F.log_softmax(student_logits.float() / T, dim=-1)
+    p = _wide(teacher_probs)
+    s_log = F.log_softmax(_wide(student_logits) / T, dim=-1)
     per_position = (torch.special.xlogy(p, p) - p * s_log).sum(dim=-1)
     return T * T * _masked_mean(per_position, mask)

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from torch import nn
 
-from branchify.aggregators import Gate, HierarchicalTA, Mean, Pairwise, PeerAttention
+from branchify.aggregators import Gate, HierarchicalTA, Mean, Pairwise, PeerAttention, PeerMean
 from branchify.aggregators.base import Aggregator
 from branchify.loss import OnlineKD
 from branchify.spec import INPUT, Spec
@@ -174,19 +174,32 @@ def _build_one(model: nn.Module, o: dict) -> tuple[Spec, Aggregator, dict]:
     return spec, Gate(), _loss_kwargs(o)
 
 
+def _mean_teacher(choice: str) -> Aggregator:
+    """``"others"``: mean of the other peers, not detached (the authors' code); ``"all"``: all K, detached."""
+    if choice == "others":
+        return PeerMean()
+    if choice == "all":
+        return Mean()
+    raise MethodError(f"mean={choice!r} is unknown; choose 'others' (mean of the other leaves, the authors' "
+                      f"code) or 'all' (mean of all leaves, the student included)")
+
+
 def _build_cl_ilr(model: nn.Module, o: dict) -> tuple[Spec, Aggregator, dict]:
-    k = _branches(o, 1)
+    k = _branches(o, 2)
     splits = _as_splits(o["split"], 1, model)
     grad_scale = {splits[0]: 1.0 / k} if o["rescale"] and splits[0] != INPUT else {}
     spec = Spec(splits=splits, fanout=[k], target=o["target"], init=o["init"], grad_scale=grad_scale)
-    return spec, Mean(), _loss_kwargs(o)
+    return spec, _mean_teacher(o["mean"]), _loss_kwargs(o)
 
 
 def _build_okddip(model: nn.Module, o: dict) -> tuple[Spec, Aggregator, dict]:
     k = _branches(o, 2)
     spec = Spec(splits=_as_splits(o["split"], 1, model), fanout=[k], target=o["target"], init=o["init"])
-    # The leader is the deployed leaf, so it is always spec.target ("target" resolves at bind).
-    agg = PeerAttention(leader="target", proj_dim=o["proj_dim"], space=o["space"])
+    if o["leader"] not in ("target", None):
+        raise MethodError(f"leader={o['leader']!r}: pass 'target' (the deployed leaf leads, the paper's "
+                          f"default) or None (no leader, every leaf is a peer: the authors' `en` mode)")
+    # The leader is the deployed leaf, so it is spec.target ("target" resolves at bind).
+    agg = PeerAttention(leader=o["leader"], proj_dim=o["proj_dim"], space=o["space"])
     return spec, agg, _loss_kwargs(o)
 
 
@@ -229,24 +242,31 @@ def _build_ahbf(model: nn.Module, o: dict) -> tuple[Spec, Aggregator, dict]:
             raise MethodError(f"aux={a!r} must be an int (extra blocks per leaf step) or 'auto'")
         container = o["deepen_container"] or splits[-1]
         deepen = {container: [a * m for m in range(k)]} if a else {}
-    spec = Spec(splits=splits, fanout=[k], target=o["target"], init=o["init"], deepen=deepen)
-    return spec, HierarchicalTA(lambdas=tuple(o["lambdas"])), _loss_kwargs(o)
+    spec = Spec(splits=splits, fanout=[k], target=o["target"], init=o["init"], deepen=deepen,
+                deepen_init=o["deepen_init"])
+    return spec, HierarchicalTA(lambdas=tuple(o["lambdas"]), own_ta=o["own_ta"]), _loss_kwargs(o)
 
 
 def _build_dml(model: nn.Module, o: dict) -> tuple[Spec, Aggregator, dict]:
     k = _branches(o, 2)
     splits = [INPUT] if o["split"] is None else _as_splits(o["split"], 1, model)
     spec = Spec(splits=splits, fanout=[k], target=o["target"], init=o["init"])
-    return spec, Pairwise(), _loss_kwargs(o)
+    if o["kd"] == "pairwise":
+        return spec, Pairwise(), _loss_kwargs(o)
+    if o["kd"] == "peer_mean":
+        return spec, PeerMean(), _loss_kwargs(o)
+    raise MethodError(f"kd={o['kd']!r} is unknown; choose 'pairwise' (DML's paper: every peer teaches, "
+                      f"detached) or 'peer_mean' (mean of the other peers, not detached: OKDDip's DML)")
 
 
 for _preset in (
     Preset("one", "ONE: shared trunk, 3 leaves, gated teacher (detached), ramp 80/300",
            {**COMMON, "branches": 3, "ramp": ONE_RAMP}, _build_one),
-    Preset("cl_ilr", "CL-ILR: ONE's tree, mean teacher, trunk gradient x 1/K",
-           {**COMMON, "branches": 3, "ramp": ONE_RAMP, "rescale": True}, _build_cl_ilr),
+    Preset("cl_ilr", "CL-ILR: ONE's tree, mean of the other leaves (not detached), trunk gradient x 1/K",
+           {**COMMON, "branches": 3, "ramp": ONE_RAMP, "rescale": True, "mean": "others"}, _build_cl_ilr),
     Preset("okddip", "OKDDip: 3 peers + leader (target leaf), peer attention, not detached",
-           {**COMMON, "branches": 4, "ramp": ONE_RAMP, "space": "logits", "proj_dim": None}, _build_okddip),
+           {**COMMON, "branches": 4, "ramp": ONE_RAMP, "space": "logits", "proj_dim": None, "leader": "target"},
+           _build_okddip),
     Preset("tsa", "TSA-2-3: splits at the last two stages, fanout [2, 2], pairwise KL",
            {**COMMON, "branches": 2, "fanout": None, "alpha": 0.5, "ce_weight": None, "kd_weight": None},
            _build_tsa),
@@ -254,9 +274,9 @@ for _preset in (
            {**COMMON, "fanout": [2, [3, 1]], "alpha": 0.5, "ce_weight": None, "kd_weight": None}, _build_u_tsa),
     Preset("ahbf", "AHBF-OKD: 4 leaves deepened by 0, a, 2a, 3a blocks, hierarchical TAs",
            {**COMMON, "branches": 4, "ramp": 1.0, "aux": "auto", "deepen": None, "deepen_container": None,
-            "lambdas": (4.0, 2.0)}, _build_ahbf),
+            "lambdas": (4.0, 2.0), "own_ta": True, "deepen_init": "identity"}, _build_ahbf),
     Preset("dml", "DML: 2 whole networks (split '<input>'), pairwise KL, T = 1",
-           {**COMMON, "branches": 2, "temperature": 1.0}, _build_dml),
+           {**COMMON, "branches": 2, "temperature": 1.0, "kd": "pairwise"}, _build_dml),
 ):
     register_method(_preset)
 

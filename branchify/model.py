@@ -14,7 +14,7 @@ from .schedules import scale_grad
 from .spec import INPUT, Spec, SpecError
 from .surgery.batched import BatchedMode, ReplicaGroup, check_mode, plan_groups, run_tree, wants_vmap
 from .surgery.batched import model_key as _key
-from .surgery.deepen import check_deepen, container_blocks, deepen_graph, deepened_skeleton
+from .surgery.deepen import check_deepen, container_blocks, deepen_graph, deepened_skeleton, identity_init
 from .surgery.init import INIT_DESCRIPTIONS, reinitialise, resolve_init
 from .surgery.partition import REQUIRED, Partition, make_inplace_safe, partition
 from .surgery.tracing import trace
@@ -383,6 +383,11 @@ def _apply_deepen(replica: fx.GraphModule, spec: Spec, leaf: int, work: nn.Modul
             src = f"{container}.{n - 1}."
             reinitialise(blk, "shuffle" if how == "copy" else how, original=work, model_fn=model_fn,
                          prefix_map=lambda k, src=src: src + k)
+            if spec.deepen_init == "identity" and not identity_init(blk):
+                raise SpecError(f"deepen_init='identity': the appended block {container}.{n - 1} "
+                                f"({type(blk).__name__}) could not be made to start as the identity (no "
+                                f"last normalisation layer whose zero scale silences its residual branch); "
+                                f"pass deepen_init='standard' to keep the architecture's own init")
             new_blocks.append(blk)
         deepen_graph(replica, container, n, new_blocks, max(-extra, 0))
 

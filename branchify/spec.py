@@ -26,6 +26,9 @@ INPUT = "<input>"
 INIT_CHOICES = ("auto", "donor", "hf", "shuffle", "reset", "copy")
 """How replicas get weights; see :func:`branchify.surgery.init.reinitialise`."""
 
+DEEPEN_INIT_CHOICES = ("identity", "standard")
+"""How appended (deepening) blocks start; see :func:`branchify.surgery.deepen.identity_init`."""
+
 Fanout = Union[int, list]
 
 
@@ -54,6 +57,12 @@ class Spec:
             or ``"copy"`` (identical copies; only for checks - they stay identical).
         grad_scale: split -> factor applied to gradients flowing from that level back into
             its parent (identity forward). CL-ILR uses ``1 / num_children``.
+        deepen_init: how blocks appended by ``deepen`` start: ``"identity"`` (default: the last
+            normalisation layer of each appended residual block starts at scale 0, so the block
+            starts as the identity and a deepened leaf starts as a network of the original
+            depth - without it, deep leaves trained with AHBF's loss diverge at ordinary learning
+            rates) or ``"standard"`` (the architecture's own init for every weight, as the AHBF
+            authors' code builds them).
 
     Example:
         >>> Spec(splits=["layer4"], fanout=[3]).num_leaves          # ONE
@@ -68,6 +77,7 @@ class Spec:
     target: int = 0
     init: str = "auto"
     grad_scale: dict[str, float] = field(default_factory=dict)
+    deepen_init: str = "identity"
 
     def __post_init__(self) -> None:
         if isinstance(self.splits, str):
@@ -122,6 +132,8 @@ class Spec:
             for e in extra:
                 if isinstance(e, bool) or not isinstance(e, int):
                     raise SpecError(f"deepen[{container!r}] entries must be integers, got {e!r}")
+        if self.deepen_init not in DEEPEN_INIT_CHOICES:
+            raise SpecError(f"deepen_init={self.deepen_init!r} is unknown; choose one of {list(DEEPEN_INIT_CHOICES)}")
         for split, scale in self.grad_scale.items():
             if split not in self.splits:
                 raise SpecError(f"grad_scale names {split!r}, which is not one of the splits {self.splits}")
@@ -177,7 +189,7 @@ class Spec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Spec":
         """Inverse of :meth:`to_dict`; unknown keys are an error naming the valid ones."""
-        known = {"splits", "fanout", "deepen", "target", "init", "grad_scale"}
+        known = {"splits", "fanout", "deepen", "target", "init", "grad_scale", "deepen_init"}
         unknown = set(data) - known
         if unknown:
             raise SpecError(f"unknown spec keys {sorted(unknown)}; valid keys are {sorted(known)}")

@@ -1,7 +1,9 @@
 """AHBF-style deeper (and shallower) leaves export as the original class with a longer stage."""
 from __future__ import annotations
 
+import pytest
 import torch
+from torch import nn
 from torchvision import models as tvm
 
 import branchify as bf
@@ -52,3 +54,45 @@ def test_deepened_torchvision_resnet_exports_as_a_deeper_resnet():
 def _stages() -> Stages:
     torch.manual_seed(0)
     return Stages()
+
+
+def _truncated(model: Stages, container: str, keep: int) -> Stages:
+    """``model`` with the container cut back to its first ``keep`` blocks (same weights otherwise)."""
+    short = Stages()
+    state = {k: v for k, v in model.state_dict().items()
+             if not k.startswith(f"{container}.") or int(k.split(".")[1]) < keep}
+    short.load_state_dict(state)
+    return short.eval()
+
+
+def test_identity_init_deepened_leaf_starts_as_the_network_of_original_depth():
+    stages = _stages()
+    x = torch.randn(2, 3, 8, 8)
+    for how, same in (("identity", True), ("standard", False)):
+        torch.manual_seed(0)
+        bm = bf.branchify(stages, Spec(splits=["layer2"], fanout=[2], deepen={"layer2": [0, 3]}, deepen_init=how))
+        deep = bm.export(1).eval()
+        assert len(deep.layer2) == 5
+        short = _truncated(deep, "layer2", keep=2)
+        assert torch.allclose(deep(x), short(x), atol=1e-6) is same, how
+        if same:  # only the scale of the appended blocks' last norm starts at 0; it trains
+            assert all(float(b.bn.weight.detach().abs().sum()) == 0 for b in deep.layer2[2:])
+            assert all(float(b.bn.weight.detach().abs().sum()) > 0 for b in deep.layer2[:2])
+
+
+def test_identity_init_refuses_blocks_it_cannot_make_the_identity():
+    class NoNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(*[nn.Sequential(nn.Linear(6, 6), nn.ReLU()) for _ in range(2)])
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.fc(self.body(x))
+
+    with pytest.raises(bf.SpecError, match="deepen_init='standard'"):
+        bf.branchify(NoNorm(), Spec(splits=["body"], fanout=[2], deepen={"body": [0, 1]}))
+    bm = bf.branchify(NoNorm(), Spec(splits=["body"], fanout=[2], deepen={"body": [0, 1]}, deepen_init="standard"))
+    assert len(bm.export(1).body) == 3
+    with pytest.raises(bf.SpecError, match="deepen_init='zero' is unknown"):
+        Spec(splits=["body"], fanout=[2], deepen_init="zero")

@@ -1,7 +1,7 @@
 """CL-ILR: mean-of-logits teacher with ONE's ramp, against METHODS.md."""
 import torch
 
-from branchify.aggregators import Mean
+from branchify.aggregators import Mean, PeerMean
 from branchify.loss import OnlineKD
 
 
@@ -28,3 +28,13 @@ def test_mean_teacher_not_detached_passes_gradient_to_peers(fake_model, output):
     okd = OnlineKD(fake_model(num_leaves=3), Mean(detach=False), ramp=None)
     okd.term_loss(okd.targets(out).kd[0]).backward()
     assert out.logits[1].grad.abs().sum() > 0
+
+
+def test_peer_mean_teacher_is_the_mean_of_the_other_leaves_not_detached(fake_model, output, ref):
+    out, y = output(k=4), torch.randint(0, 5, (6,))
+    okd = OnlineKD(fake_model(num_leaves=4), PeerMean(), temperature=3.0, ramp=None)
+    others = [torch.stack([z for j, z in enumerate(out.logits) if j != k]).mean(0) for k in range(4)]
+    expected = sum(ref.ce(z, y) for z in out.logits) + sum(ref.kl(t, z, 3.0) for t, z in zip(others, out.logits))
+    assert torch.allclose(okd(out, y).total, expected, atol=1e-6)
+    okd.term_loss(okd.targets(out).kd[0]).backward()  # leaf 0 learning from leaves 1..3
+    assert out.logits[1].grad.abs().sum() > 0 and out.logits[0].grad.abs().sum() > 0

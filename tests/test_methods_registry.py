@@ -3,7 +3,7 @@ import pytest
 import torchvision
 from torch import nn
 
-from branchify.aggregators import Gate, HierarchicalTA, Mean, Pairwise, PeerAttention
+from branchify.aggregators import Gate, HierarchicalTA, Mean, Pairwise, PeerAttention, PeerMean
 from branchify.methods import (MethodError, available_methods, default_splits, get_preset, method,
                                register_method)
 
@@ -46,7 +46,9 @@ def test_preset_templates(tiny_resnet):
     assert (spec.splits, spec.fanout, isinstance(agg, Gate), agg.detach) == (["layer3"], [3], True, True)
     assert kw["temperature"] == 3.0 and kw["ramp"] == pytest.approx(80 / 300) and kw["detach"] is None
     spec, agg, kw = _build("cl_ilr", net)
-    assert isinstance(agg, Mean) and spec.grad_scale == {"layer3": pytest.approx(1 / 3)}
+    assert isinstance(agg, PeerMean) and not agg.detach and spec.grad_scale == {"layer3": pytest.approx(1 / 3)}
+    assert isinstance(_build("cl_ilr", net, mean="all")[1], Mean)
+    assert _build("okddip", net, leader=None)[1].leader is None
     spec, agg, kw = _build("okddip", net, target=2)
     assert isinstance(agg, PeerAttention) and agg.leader == "target" and not agg.detach
     assert spec.fanout == [4] and spec.target == 2
@@ -57,11 +59,12 @@ def test_preset_templates(tiny_resnet):
     assert _build("tsa", net, alpha=0.2)[2]["kd_weight"] == 0.2
     assert _build("u_tsa", net)[0].fanout == [2, [3, 1]]
     spec, agg, kw = _build("ahbf", net)
-    assert isinstance(agg, HierarchicalTA) and agg.lambdas == (4.0, 2.0) and kw["ramp"] == 1.0
-    assert spec.deepen == {"layer3": [0, 4, 8, 12]}
+    assert isinstance(agg, HierarchicalTA) and agg.own_ta and kw["ramp"] == 1.0
+    assert spec.deepen == {"layer3": [0, 4, 8, 12]} and spec.deepen_init == "identity"
     assert _build("ahbf", torchvision.models.resnet18())[0].deepen == {"layer4": [0, 2, 4, 6]}
     spec, agg, kw = _build("dml", net)
     assert (spec.splits, spec.fanout, kw["temperature"], kw["ramp"]) == (["<input>"], [2], 1.0, None)
+    assert isinstance(agg, Pairwise) and isinstance(_build("dml", net, kd="peer_mean")[1], PeerMean)
 
 
 def test_override_validation(tiny_resnet):
@@ -71,4 +74,10 @@ def test_override_validation(tiny_resnet):
         _build("u_tsa", tiny_resnet(), split=["layer3"])
     with pytest.raises(MethodError, match="alpha"):
         _build("tsa", tiny_resnet(), alpha=1.5)
+    with pytest.raises(MethodError, match="'others'.*'all'"):
+        _build("cl_ilr", tiny_resnet(), mean="self")
+    with pytest.raises(MethodError, match="'pairwise'.*'peer_mean'"):
+        _build("dml", tiny_resnet(), kd="mean")
+    with pytest.raises(MethodError, match="leader=2: pass 'target'"):
+        _build("okddip", tiny_resnet(), leader=2)
     assert _build("one", tiny_resnet(), split="layer2")[0].splits == ["layer2"]

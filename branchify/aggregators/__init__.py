@@ -11,7 +11,8 @@ from branchify.aggregators.gate import Gate
 from branchify.aggregators.hierarchical_ta import HierarchicalTA
 from branchify.aggregators.mean import Mean
 from branchify.aggregators.pairwise import Pairwise
+from branchify.aggregators.peer_mean import PeerMean
 from branchify.aggregators.peer_attention import PeerAttention
 
 __all__ = ["AccuracyWeighted", "Aggregator", "AggregatorError", "Gate", "HierarchicalTA", "KDTerm", "Mean",
-           "Pairwise", "PeerAttention", "Targets"]
+           "Pairwise", "PeerAttention", "PeerMean", "Targets"]

@@ -12,7 +12,9 @@ from branchify.outputs import BranchedOutput
 
 
 class _Fusion(nn.Module):
-    """One AHBF fusion step: ``F~ = BN2d(Conv1x1(cat[F, F~prev]))`` and a 2-way gate on ``GAP(F~)``."""
+    """One AHBF fusion step (the authors' ``AHBF`` module): ``F~ = BN2d(Conv1x1(cat[F~prev, F]))``
+    and a 2-way gate ``softmax(ReLU(BN1d(Linear(C -> 2)(GAP F~))))`` whose first weight goes to the
+    previous TA and the second to the new leaf, in the authors' argument order."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -21,8 +23,8 @@ class _Fusion(nn.Module):
         self.fc = nn.Linear(channels, 2)
         self.bn_gate = nn.BatchNorm1d(2)
 
-    def forward(self, feat: torch.Tensor, fused_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fused = self.bn(self.conv(torch.cat([feat, fused_prev], dim=1)))
+    def forward(self, fused_prev: torch.Tensor, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fused = self.bn(self.conv(torch.cat([fused_prev, feat], dim=1)))
         s = F.softmax(F.relu(self.bn_gate(self.fc(fused.mean(dim=(2, 3))))), dim=1)
         return fused, s
 
@@ -33,15 +35,22 @@ class HierarchicalTA(Aggregator):
     With ``F^m`` the feature map of leaf m before pooling (``out.feature_maps``) and leaves
     numbered 0..M-1 (leaf 0 = the target, the shallowest in AHBF's tree):
     ``TA(0) = leaf 0`` (``F~0 = F^0``, ``z_ta(0) = z_0``); for m >= 1
-    ``F~m = BN2d(Conv1x1(cat[F^m, F~(m-1)]))`` (2C -> C, no ReLU),
+    ``F~m = BN2d(Conv1x1(cat[F~(m-1), F^m]))`` (2C -> C, no ReLU),
     ``s^m = softmax(ReLU(BN1d(Linear(C -> 2)(GAP F~m))))`` and
-    ``z_ta(m) = s^m_1 z_m + s^m_2 z_ta(m-1)``.
+    ``z_ta(m) = s^m_1 z_ta(m-1) + s^m_2 z_m``.
 
-    Targets: ``CE(z_ta(m))`` for m >= 1 (named ``"ta{m}"``) and, for m >= 1,
-    ``lambda1 * KL(p_ta(m) || p_ta(m-1))`` (``"ta{m-1}<-ta{m}"``: the TA teaches the previous
-    TA) and ``lambda2 * KL(p_m || p_ta(m-1))`` (``"ta{m-1}<-leaf{m}"``: the deeper branch
-    teaches the previous TA). ``(lambda1, lambda2) = (4, 2)`` is the paper's best (its Table 4);
-    the authors' README uses ``(2, 4)``.
+    Targets, for m >= 1: ``CE(z_ta(m))`` (named ``"ta{m}"``) and
+    ``lambda1 * KL(p_ta(m) || p_ta(m-1))`` (``"ta{m-1}<-ta{m}"``: the TA teaches the previous TA),
+    ``lambda2 * KL(p_m || p_ta(m-1))`` (``"ta{m-1}<-leaf{m}"``: the deeper branch teaches the
+    previous TA) and ``lambda1 * KL(p_ta(m) || p_m)`` (``"leaf{m}<-ta{m}"``: each branch learns from
+    its own TA). The loss multiplies each by ``T^2`` and the ramp.
+
+    Paper vs code (``linruigong965/AHBF@ecb8b2c: AHBF-pytorch/train_ahbf.py`` lines 106-120, the
+    fusion in ``models/model_backbone/resnet_ahbf.py`` lines 117-155): the last term is in the
+    authors' code (lines 114 and 117) but not in the paper's Eq. 11; it is on by default
+    (``own_ta=False`` drops it). The paper's default ``(lambda1, lambda2)`` is ``(4, 2)`` (its Table
+    4), the authors' README runs ``(2, 4)`` and the code's own defaults are ``(1, 1)``; the
+    ``ahbf`` preset's choice and the measurement behind it are in its docstring.
 
     Default detach: ``False`` - the authors' code detaches nothing, and the fusion layers learn
     through the KD terms as well as the TA cross-entropies.
@@ -50,6 +59,7 @@ class HierarchicalTA(Aggregator):
         channels: channels of the leaves' feature maps (``model.feature_map_channels``).
         num_leaves: number of leaves M (``model.num_leaves``), at least 2.
         lambdas: ``(lambda1, lambda2)``.
+        own_ta: add the authors'-code term ``lambda1 * KL(p_ta(m) || p_m)``.
         detach: default detach rule of the KD terms.
 
     Example:
@@ -57,18 +67,19 @@ class HierarchicalTA(Aggregator):
         >>> ahbf = HierarchicalTA(channels=8, num_leaves=3)
         >>> out = BranchedOutput([torch.randn(4, 10) for _ in range(3)], [None] * 3,
         ...                      [torch.randn(4, 8, 2, 2) for _ in range(3)])
-        >>> sorted(ahbf(out).ce)
-        ['ta1', 'ta2']
+        >>> sorted(ahbf(out).ce), len(ahbf(out).kd)
+        (['ta1', 'ta2'], 6)
     """
 
     def __init__(self, channels: int | None = None, num_leaves: int | None = None, *,
-                 lambdas: tuple[float, float] = (4.0, 2.0), detach: bool = False) -> None:
+                 lambdas: tuple[float, float] = (4.0, 2.0), own_ta: bool = True, detach: bool = False) -> None:
         super().__init__(detach=detach)
         if len(tuple(lambdas)) != 2:
             raise AggregatorError(f"HierarchicalTA(lambdas={lambdas!r}) needs two numbers (lambda1, lambda2)")
         self.channels = channels
         self.num_leaves = num_leaves
         self.lambdas = (float(lambdas[0]), float(lambdas[1]))
+        self.own_ta = bool(own_ta)
         self.fusions: nn.ModuleList | None = None
         self._build_if_ready()
 
@@ -100,11 +111,13 @@ class HierarchicalTA(Aggregator):
         kd: list[KDTerm] = []
         ce: dict[str, torch.Tensor] = {}
         for m in range(1, m_leaves):
-            fused, s = self.fusions[m - 1](maps[m], fused)
-            z_new = _per_sample(s[:, 0], out.logits[m]) * out.logits[m] + _per_sample(s[:, 1], z_ta) * z_ta
+            z_m = out.logits[m]
+            fused, s = self.fusions[m - 1](fused, maps[m])
+            z_new = _per_sample(s[:, 0], z_ta) * z_ta + _per_sample(s[:, 1], z_m) * z_m
             ce[f"ta{m}"] = z_new
             kd.append(KDTerm(f"ta{m - 1}<-ta{m}", teacher=z_new, student=z_ta, weight=l1, detach=self.detach))
-            kd.append(KDTerm(f"ta{m - 1}<-leaf{m}", teacher=out.logits[m], student=z_ta, weight=l2,
-                             detach=self.detach))
+            kd.append(KDTerm(f"ta{m - 1}<-leaf{m}", teacher=z_m, student=z_ta, weight=l2, detach=self.detach))
+            if self.own_ta:
+                kd.append(KDTerm(f"leaf{m}<-ta{m}", teacher=z_new, student=z_m, weight=l1, detach=self.detach))
             z_ta = z_new
         return Targets(kd=kd, ce=ce)

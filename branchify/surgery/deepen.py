@@ -54,6 +54,55 @@ def is_shape_preserving(block: nn.Module) -> bool:
     return isinstance(out, torch.Tensor) and tuple(out.shape) == shape
 
 
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.InstanceNorm2d, nn.LayerNorm)
+
+
+def identity_init(block: nn.Module) -> bool:
+    """Make a residual block start as the identity; ``True`` if that was done and verified.
+
+    The scale of the block's last normalisation layer (in registration order; a block's own
+    ``zero_init_last()`` is used when it has one, as timm's blocks do) is set to 0, so the
+    residual branch outputs 0 and ``out = act(x + 0) = x`` for the non-negative activations
+    inside a ResNet stage (the "zero-init residual" of Goyal et al. 2017). Whether the block
+    really became the identity is checked on a random non-negative input in eval mode; if it
+    did not (the block is not of that shape), the block is left exactly as it was.
+
+    Example:
+        >>> from torchvision.models.resnet import BasicBlock
+        >>> blk = BasicBlock(8, 8)
+        >>> identity_init(blk), float(blk.bn2.weight.abs().sum())
+        (True, 0.0)
+    """
+    before = {k: v.detach().clone() for k, v in block.state_dict().items()}
+    zero_last = getattr(block, "zero_init_last", None)
+    with torch.no_grad():
+        if callable(zero_last):
+            zero_last()
+        else:
+            norms = [m for m in block.modules() if isinstance(m, _NORMS) and getattr(m, "weight", None) is not None]
+            if not norms:
+                return False
+            norms[-1].weight.zero_()
+    if _is_identity(block):
+        return True
+    block.load_state_dict(before)
+    return False
+
+
+def _is_identity(block: nn.Module) -> bool:
+    shape = _probe_shape(block)
+    if shape is None:
+        return False
+    probe = copy.deepcopy(block).double().eval()
+    x = torch.rand(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            out = probe(x)
+    except Exception:  # not callable on its own first layer's input shape
+        return False
+    return isinstance(out, torch.Tensor) and out.shape == x.shape and torch.allclose(out, x, atol=1e-9)
+
+
 def check_deepen(model: nn.Module, path: str, extra: list[int]) -> None:
     """Validate that blocks can be appended/removed: those blocks must be shape-preserving."""
     cont = container_blocks(model, path)
