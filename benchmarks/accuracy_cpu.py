@@ -26,11 +26,9 @@ import argparse
 import json
 import math
 import multiprocessing as mp
-import os
 import statistics
-import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 

@@ -11,7 +11,7 @@ branchify, so that ``tests/integration/test_handwritten_equivalence.py`` and the
 benchmark can compare the two implementations like for like.
 
 Example:
-    >>> from recipes.zoo import CifarResNet
+    >>> from branchify.recipes.zoo import CifarResNet
     >>> tree = HandTSA(net_fn=lambda: CifarResNet(8, num_classes=10, in_channels=1))
     >>> [z.shape for z in tree(torch.zeros(2, 1, 14, 14))]
     [torch.Size([2, 10]), torch.Size([2, 10]), torch.Size([2, 10]), torch.Size([2, 10])]
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recipes.zoo import resnet32
+from branchify.recipes.zoo import resnet32
 
 NetFn = Callable[[], nn.Module]
 

@@ -30,7 +30,7 @@ from torch import nn
 
 import branchify as bf
 from branchify.surgery.batched import wants_vmap
-from recipes.zoo import resnet32
+from branchify.recipes.zoo import resnet32
 
 from .common import interleaved_medians, machine_info, sync, table, write_results
 from .handwritten import HandAHBF, HandDML, HandONE, HandTSA

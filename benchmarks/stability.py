@@ -39,7 +39,7 @@ VARIANTS = ["baseline", "one", "cl_ilr", "okddip", "tsa", "u_tsa", "dml", "ahbf"
 
 def _net_fn(name: str):
     if name == "resnet20":
-        from recipes.zoo import resnet20
+        from branchify.recipes.zoo import resnet20
 
         return (lambda: resnet20(10, 1)), (1, 28, 28)
     import torchvision

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import branchify as bf
-from recipes.zoo import resnet32
+from branchify.recipes.zoo import resnet32
 
 from .common import interleaved_medians, machine_info, table, write_results
 from .handwritten import HandONE, HandTSA

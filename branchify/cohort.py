@@ -6,7 +6,7 @@ the networks: ``forward`` returns a :class:`~branchify.outputs.BranchedOutput` w
 logits and penultimate features, and it has ``num_leaves``, ``leaf_paths``, ``spec``,
 ``feature_dim`` and the ``aggregator`` slot. So DML (:class:`~branchify.aggregators.Pairwise`),
 network-based OKDDip (:class:`~branchify.aggregators.PeerAttention`) and the Mean /
-AccuracyWeighted teachers run on it through :class:`~branchify.loss.OnlineKD` unchanged.
+AccuracyWeighted teachers run on it through :class:`~branchify.OnlineKD` unchanged.
 
 Example:
     >>> import branchify as bf
@@ -25,6 +25,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from branchify.contract import LeafModel
 from branchify.outputs import BranchedOutput, classifier_logits
 from branchify.spec import INPUT, Spec
 
@@ -109,7 +110,7 @@ def call_peer(net: nn.Module, args: tuple, kwargs: dict) -> Any:
     return net(*args, **kwargs)
 
 
-class Cohort(nn.Module):
+class Cohort(LeafModel):
     """Separate networks as the leaves of one model: DML / OKDDip (network-based) / MD peers.
 
     The networks are registered as submodules *as they are* (no copy): ``cohort.peers[i]`` is
@@ -170,7 +171,6 @@ class Cohort(nn.Module):
         self.peers = nn.ModuleList(peers)
         self.spec = Spec(splits=[INPUT], fanout=[len(peers)], target=target)
         self.leaf_paths = self.spec.leaf_paths()
-        self.aggregator: nn.Module | None = None
         found = [find_head(p, h) for p, h in zip(peers, heads)]
         self.head_paths: list[str | None] = [f[0] if f else None for f in found]
         self.feature_dims: list[int | None] = [f[1].in_features if f else None for f in found]
@@ -247,16 +247,12 @@ class Cohort(nn.Module):
                               f"no classifier Linear; name it with heads=[...]")
         self.projections = nn.ModuleList(nn.Linear(d, width, bias=False) for d in self.feature_dims)
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "aggregator" and value is not None:
-            self._check_aggregator(value)
-        super().__setattr__(name, value)
-
-    def _check_aggregator(self, aggregator: nn.Module) -> None:
+    def check_aggregator(self, aggregator: nn.Module) -> None:
+        """Reject aggregators separate networks cannot feed (see :func:`check_aggregator`)."""
         check_aggregator(aggregator, self.names, self.feature_dims, projected=self.projections is not None)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, *args: Any, **kwargs: Any) -> BranchedOutput:
+    def forward_leaves(self, *args: Any, **kwargs: Any) -> BranchedOutput:
         """Run every peer on the same inputs; leaves in peer order."""
         logits, feats = [], []
         for i, net in enumerate(self.peers):

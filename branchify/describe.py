@@ -1,15 +1,33 @@
 """A readable summary of a branched model: the tree, parameters and FLOPs per leaf."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .surgery.batched import loop_only
+from .surgery.batched import model_key as _key
+
 
 if TYPE_CHECKING:
     from .model import BranchedModel
+
+
+@contextmanager
+def loop_only(model: "BranchedModel") -> Iterator[None]:
+    """Run ``model`` one call per replica inside the block (per-segment FLOP counting needs it).
+
+    Example:
+        >>> with loop_only(bm):        # doctest: +SKIP
+        ...     out = bm(x)
+    """
+    mode = model.batched
+    model.batched = False
+    try:
+        yield
+    finally:
+        model.batched = mode
 
 
 def _fmt(n: float) -> str:
@@ -22,15 +40,15 @@ def _fmt(n: float) -> str:
 def _example_inputs(model: "BranchedModel", example_inputs: tuple, kwargs: dict) -> tuple[tuple, dict]:
     if example_inputs or kwargs:
         return example_inputs, kwargs
-    if model._example is None:
+    if model.example_inputs is None:
         raise ValueError("describe() needs an example input for FLOPs: call model.describe(x) or run "
                          "one forward first")
     device = next(model.parameters()).device
     made = {}
-    for name, shape, dtype in model._example:
+    for name, shape, dtype in model.example_inputs:
         made[name] = (torch.randint(0, 2, shape, device=device) if not dtype.is_floating_point
                       else torch.randn(shape, dtype=dtype, device=device))
-    args = tuple(made[n] for n, _, _ in model._model_inputs if n in made)
+    args = tuple(made[n] for n, _, _ in model.model_inputs if n in made)
     return args, {}
 
 
@@ -64,8 +82,6 @@ def describe(model: "BranchedModel", *example_inputs: Any, **kwargs: Any) -> str
     Example:
         >>> print(bm.describe(torch.randn(2, 3, 32, 32), print_fn=None))   # doctest: +SKIP
     """
-    from .model import _key
-
     flops = segment_flops(model, *example_inputs, **kwargs)
     params = {k: sum(p.numel() for p in seg.parameters()) for k, seg in model.segments.items()}
     spec = model.spec
@@ -73,7 +89,10 @@ def describe(model: "BranchedModel", *example_inputs: Any, **kwargs: Any) -> str
              + (f", deepen {spec.deepen} (appended blocks start as "
                 f"{'the identity' if spec.deepen_init == 'identity' else 'freshly initialised blocks'})"
                 if spec.deepen else ""),
-             f"replica init: {model.init_used}", "tree:"]
+             f"replica init: {model.init_used}"]
+    if getattr(model, "split_reason", None):
+        lines.append(model.split_reason)
+    lines.append("tree:")
     g = spec.graph()
 
     def walk(path: tuple[int, ...], indent: str) -> None:

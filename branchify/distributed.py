@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from branchify.cohort import Cohort, CohortError, check_aggregator
+from branchify.contract import LeafModel
 from branchify.outputs import BranchedOutput
 from branchify.soft_labels import accuracy_weights, sequence_checksum, weighted_sum
 from branchify.spec import INPUT, Spec
@@ -287,7 +288,7 @@ def _check_partition(id_lists: Sequence[Sequence[int]], num_peers: int | None) -
 
 
 # ---------------------------------------------------------------------- DML-style exchange
-class DistributedCohort(nn.Module):
+class DistributedCohort(LeafModel):
     """A cohort spread over ranks: local peers run here, the others' logits arrive by all_gather.
 
     For network-level peers trained on *identical batches* (DML, network-based OKDDip): every
@@ -362,13 +363,7 @@ class DistributedCohort(nn.Module):
             raise CohortError(f"target={target} is not a peer index (0..{total - 1})")
         self.spec = Spec(splits=[INPUT], fanout=[total], target=target)
         self.leaf_paths = self.spec.leaf_paths()
-        self.aggregator: nn.Module | None = None
         self._calls = 0
-
-    @property
-    def num_leaves(self) -> int:
-        """All peers on all ranks."""
-        return len(self.leaf_paths)
 
     @property
     def feature_dim(self) -> int | None:
@@ -376,23 +371,27 @@ class DistributedCohort(nn.Module):
         dims = set(self.global_feature_dims)
         return dims.pop() if len(dims) == 1 and None not in dims else None
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "aggregator" and value is not None:
-            check_aggregator(value, self.names, self.global_feature_dims, projected=False,
-                             where="a local Cohort(peers, project_features=<width>) on every rank")
-            from branchify.aggregators import PeerAttention
+    def check_aggregator(self, aggregator: nn.Module) -> None:
+        """Reject aggregators the peers cannot feed (:func:`~branchify.cohort.check_aggregator`), and
+        PeerAttention without exchanged features."""
+        check_aggregator(aggregator, self.names, self.global_feature_dims, projected=False,
+                         where="a local Cohort(peers, project_features=<width>) on every rank")
+        from branchify.aggregators import PeerAttention
 
-            if isinstance(value, PeerAttention) and not self.gather_features:
-                raise CohortError(f"{type(value).__name__} reads the peers' features; build the DistributedCohort "
-                                  f"with gather_features=True so remote peers' features are exchanged too")
-            super().__setattr__(name, value)
-            for t in (*value.parameters(), *value.buffers()):  # every rank starts from rank 0's aggregator
+        if isinstance(aggregator, PeerAttention) and not self.gather_features:
+            raise CohortError(f"{type(aggregator).__name__} reads the peers' features; build the DistributedCohort "
+                              f"with gather_features=True so remote peers' features are exchanged too")
+
+    def attach(self, aggregator):
+        """Attach as :meth:`LeafModel.attach` does, then give every rank rank 0's aggregator weights."""
+        aggregator = super().attach(aggregator)
+        if aggregator is not None:
+            for t in (*aggregator.parameters(), *aggregator.buffers()):
                 buf = t.detach().to(comm_device(self.group))
                 src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
                 dist.broadcast(buf, src=src, group=self.group)
                 t.data.copy_(buf.to(t.device))
-            return
-        super().__setattr__(name, value)
+        return aggregator
 
     def shared_parameters(self):
         """The replicated aggregator's parameters (empty without one)."""
@@ -422,12 +421,12 @@ class DistributedCohort(nn.Module):
                    "every rank must train on identical batches: build each rank's loader with the same data, "
                    "seed and batch size, and do not shard it with a DistributedSampler", self.group)
 
-    def forward(self, *args: Any, **kwargs: Any) -> BranchedOutput:
+    def forward_leaves(self, *args: Any, **kwargs: Any) -> BranchedOutput:
         """Local peers' forward + all_gather of every peer's logits (and features)."""
         if self.check_every and self._calls % self.check_every == 0:
             self._check_inputs(args, kwargs)
         self._calls += 1
-        out = self.local(*args, **kwargs)
+        out = self.local.forward_leaves(*args, **kwargs)
         logits = self._exchange(out.logits)
         if self.gather_features:
             if any(f is None for f in out.features):

@@ -49,8 +49,8 @@ from torch import nn
 
 from branchify.cohort import Cohort, call_peer, peer_logits
 from branchify.distributed import LocalExchange
-from branchify.loss import LossOutput
-from branchify.losses import cross_entropy, kl_div_probs
+from branchify.functional import cross_entropy, kl_div_probs
+from branchify.online_kd import LossOutput
 from branchify.schedules import IntervalPhase, IntervalSchedule
 from branchify.soft_labels import (SoftLabelError, compute_soft_labels, model_device, sequence_checksum,
                                    split_batch, to_device)

@@ -11,7 +11,7 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from branchify.losses import IGNORE_INDEX
+from branchify.functional import IGNORE_INDEX
 from branchify.outputs import BranchedOutput
 
 Logits = Union[BranchedOutput, Sequence[torch.Tensor]]

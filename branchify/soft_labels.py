@@ -3,7 +3,7 @@ accuracy-weighted combination.
 
 Soft labels are stored as one ``[N, C]`` table per peer, row ``i`` = training sample ``i``, so a
 distillation batch reads its targets with the sample indices its loader yields. The loaders
-therefore yield ``(inputs, labels, indices)``: ``recipes.data.TensorLoader(..., with_index=True)``
+therefore yield ``(inputs, labels, indices)``: a loader that also yields each sample's index (``IndexedDataset`` below, or the recipes' ``TensorLoader(..., with_index=True)``)
 or ``DataLoader(IndexedDataset(dataset))``.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from branchify.aggregators.accuracy_weighted import accuracy_weights  # noqa: F401  (MD's weight rule, re-exported)
 from branchify.cohort import call_peer, peer_logits
 
 _MIX = 1_000_003
@@ -64,8 +65,9 @@ def split_batch(batch: Any, *, need_index: bool = True) -> tuple[tuple, dict, to
         if need_index:
             raise SoftLabelError(
                 "MD reads its soft labels by training-sample index, but the loader yields (inputs, labels) "
-                "without indices: use recipes.data.TensorLoader(..., with_index=True) or "
-                "DataLoader(branchify.soft_labels.IndexedDataset(dataset), ...)")
+                "without indices: wrap the dataset as DataLoader(branchify.soft_labels.IndexedDataset(dataset), ...) "
+                "(or use a loader that yields (inputs, labels, indices), e.g. the recipes' TensorLoader(..., "
+                "with_index=True))")
         inputs, labels, index = batch[0], batch[1], None
     else:
         inputs, labels, index = batch
@@ -187,27 +189,6 @@ def compute_soft_labels(net: nn.Module, loader: Iterable, num_samples: int, temp
                              f"once, but {missing} were never seen and {repeated} more than once; use a loader "
                              f"over the whole training set without shuffling-with-replacement or drop_last")
     return SoftLabelPass(probs=probs, labels=labels, accuracy=100.0 * int(correct) / num_samples)
-
-
-def accuracy_weights(accuracies: Sequence[float]) -> list[float]:
-    """MD's aggregation weights ``a_i = v_i / sum_k v_k`` (python floats, computed in float64).
-
-    All-zero accuracies (e.g. untrained peers on a tiny set) give equal weights - the limit of
-    the formula when every peer is equally (in)accurate.
-
-    Example:
-        >>> accuracy_weights([60.0, 30.0, 10.0])
-        [0.6, 0.3, 0.1]
-    """
-    v = [float(a) for a in accuracies]
-    if not v:
-        raise SoftLabelError("accuracy_weights needs one accuracy per peer, got none")
-    if any(a < 0 or a != a or a == float("inf") for a in v):
-        raise SoftLabelError(f"accuracies must be finite and >= 0, got {v}")
-    total = sum(v)
-    if total == 0:
-        return [1.0 / len(v)] * len(v)
-    return [a / total for a in v]
 
 
 def weighted_sum(probs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:

@@ -1,1 +1,3 @@
-"""Recipes for branchify: CIFAR-style model zoo and in-memory data loaders for online-KD experiments."""
+"""Compatibility names for the recipes, which now live in :mod:`branchify.recipes` (installed with
+branchify, so ``python -m branchify.recipes.<name>`` works from a wheel too). ``python -m
+recipes.<name>`` keeps working from a checkout of the repository; this folder is not installed."""

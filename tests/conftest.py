@@ -1,36 +1,18 @@
-"""Shared fixtures: the Fashion-MNIST skip marker, a one-thread fixture, a fake branched model,
-synthetic outputs, a tiny CIFAR-style ResNet, and *independent* reference formulas (plain torch ops, never the
-library's helpers) that the library is checked against."""
+"""Shared fixtures: a one-thread fixture, a fake branched model, synthetic outputs, a tiny CIFAR-style
+ResNet, and *independent* reference formulas (plain torch ops, never the library's helpers) that the
+library is checked against. Unit tests (``tests/unit``) use only these and the core; integration
+tests (``tests/integration``) may use the recipes, the integrations and real data."""
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from branchify.contract import LeafModel
 from branchify.outputs import BranchedOutput
 from branchify.spec import Spec
-from recipes.data import ENV_FASHION_MNIST, FASHION_MNIST_FILES, SYSTEM_FASHION_MNIST_DIR, data_cache_dir
-
-
-def _local_fashion_mnist() -> Path | None:
-    """The folder holding Fashion-MNIST's four idx files, looking only where recipes.data looks locally."""
-    candidates = [Path(p).expanduser() for p in [os.environ.get(ENV_FASHION_MNIST)] if p]
-    candidates += [SYSTEM_FASHION_MNIST_DIR, data_cache_dir() / "fashion-mnist"]
-    for base in candidates:
-        for folder in (base, base / "FashionMNIST" / "raw"):
-            if all((folder / n).is_file() or (folder / f"{n}.gz").is_file() for n in FASHION_MNIST_FILES):
-                return folder
-    return None
-
-
-needs_fashion_mnist = pytest.mark.skipif(
-    _local_fashion_mnist() is None,
-    reason=f"Fashion-MNIST is not installed locally (apt-get install dataset-fashion-mnist, or set "
-           f"{ENV_FASHION_MNIST}); these tests train on the real data set and never download it")
 
 
 @pytest.fixture
@@ -43,8 +25,10 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-class FakeBranched(nn.Module):
-    """Stands in for a BranchedModel: the metadata aggregators bind to, and an aggregator slot."""
+class FakeBranched(LeafModel):
+    """Stands in for a BranchedModel: the metadata aggregators bind to, and the contract's
+    aggregator slot. Its "forward" takes a synthetic :class:`BranchedOutput` and returns it with
+    the attached aggregator's targets, exactly what a real model's forward adds."""
 
     def __init__(self, num_leaves: int = 3, channels: int = 8, feature_dim: int = 16,
                  feature_map_channels: int | None = 8, target: int = 0) -> None:
@@ -52,17 +36,26 @@ class FakeBranched(nn.Module):
         self.spec = Spec(splits=["stage"], fanout=[num_leaves], target=target)
         self.leaf_paths = self.spec.leaf_paths()
         self.weight = nn.Parameter(torch.zeros(1))
-        self.aggregator: nn.Module | None = None
         self._channels = channels
-        self.feature_dim = feature_dim
-        self.feature_map_channels = feature_map_channels
+        self._feature_dim = feature_dim
+        self._feature_map_channels = feature_map_channels
 
     @property
-    def num_leaves(self) -> int:
-        return len(self.leaf_paths)
+    def feature_dim(self) -> int | None:
+        return self._feature_dim
+
+    @property
+    def feature_map_channels(self) -> int | None:
+        return self._feature_map_channels
 
     def cut_channels(self, path: tuple[int, ...] = ()) -> int | None:
         return self._channels
+
+    def forward_leaves(self, out: BranchedOutput) -> BranchedOutput:
+        return out
+
+    def export(self, leaf: int | None = None) -> nn.Module:
+        raise NotImplementedError("a fake model has nothing to export")
 
 
 def make_output(k: int = 3, b: int = 6, classes: int = 5, channels: int = 8, feat: int = 16, hw: int = 2,

@@ -18,7 +18,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")  # provides the native "python3" kernel (run with sys.executable)
 
-from conftest import needs_fashion_mnist as needs_data  # noqa: F401  (re-exported for the notebook tests)
+from fashion_mnist import needs_fashion_mnist as needs_data  # noqa: F401  (re-exported for the notebook tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"

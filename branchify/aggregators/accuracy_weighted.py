@@ -9,14 +9,35 @@ from branchify.aggregators.base import Aggregator, AggregatorError, KDTerm, Targ
 from branchify.outputs import BranchedOutput
 
 
+def accuracy_weights(accuracies: Sequence[float]) -> list[float]:
+    """MD's aggregation weights ``a_i = v_i / sum_k v_k`` (python floats, computed in float64) - the
+    one accuracy-weight rule, used by this aggregator and by MD's soft labels.
+
+    All-zero accuracies (e.g. untrained peers on a tiny set) give equal weights - the limit of
+    the formula when every peer is equally (in)accurate.
+
+    Example:
+        >>> accuracy_weights([60.0, 30.0, 10.0])
+        [0.6, 0.3, 0.1]
+        >>> accuracy_weights([0, 0])
+        [0.5, 0.5]
+    """
+    v = [float(a) for a in accuracies]
+    if not v:
+        raise AggregatorError("accuracy_weights needs one accuracy per peer, got none")
+    if any(a < 0 or a != a or a == float("inf") for a in v):
+        raise AggregatorError(f"accuracies must be finite and >= 0, got {v}")
+    total = sum(v)
+    if total == 0:
+        return [1.0 / len(v)] * len(v)
+    return [a / total for a in v]
+
+
 def _log_weights(accuracies: Sequence[float]) -> torch.Tensor:
-    v = torch.as_tensor([float(a) for a in accuracies], dtype=torch.float64)
-    if v.dim() != 1 or v.numel() == 0:
-        raise AggregatorError(f"accuracies must be a non-empty list with one number per leaf, got {accuracies!r}")
-    if bool((v < 0).any()) or not bool(torch.isfinite(v).all()) or float(v.sum()) <= 0:
-        raise AggregatorError(f"accuracies must be finite, >= 0 and not all 0, got {list(map(float, v))}")
+    if isinstance(accuracies, (str, bytes)) or not hasattr(accuracies, "__len__"):
+        raise AggregatorError(f"accuracies must be a list with one number per leaf, got {accuracies!r}")
     # log(0) = -inf is deliberate: a zero-accuracy peer gets zero weight in the logsumexp mixture.
-    return (v / v.sum()).log().float()
+    return torch.tensor(accuracy_weights(accuracies), dtype=torch.float64).log().float()
 
 
 class AccuracyWeighted(Aggregator):

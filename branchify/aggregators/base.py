@@ -3,76 +3,17 @@
 An aggregator turns one :class:`~branchify.outputs.BranchedOutput` into *teacher targets*:
 a list of :class:`KDTerm` (one soft-target distillation term each) and a dict of extra
 logits that get their own cross-entropy with the labels (ONE's gated teacher, AHBF's
-teacher assistants). :class:`~branchify.loss.OnlineKD` turns the targets into a loss; the
+teacher assistants). :class:`~branchify.OnlineKD` turns the targets into a loss; the
 aggregator never sees labels, temperatures or epochs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from branchify.outputs import BranchedOutput
-
-
-@dataclass
-class KDTerm:
-    """One distillation term: ``weight * T^2 * KL(teacher || student)`` at the loss's temperature.
-
-    Args:
-        name: label used in the loss parts (``"kd/<name>"``), e.g. ``"leaf1"`` or ``"leaf0<-leaf2"``.
-        teacher: teacher *logits* ``[B, ..., C]``, softened by the loss with its temperature.
-            When ``teacher_log_weights`` is given, ``teacher`` instead stacks K component logits
-            along a new dim 0 (``[K, B, ..., C]``) and the teacher distribution is the mixture
-            ``sum_k exp(teacher_log_weights[k]) * softmax(teacher[k] / T)``. This is how a teacher
-            that averages *probabilities* (MD's accuracy-weighted soft labels, OKDDip's
-            probability-space targets) is expressed without the aggregator knowing T; the loss
-            evaluates it in log space (``logsumexp``), so nothing is ever ``log(0)``.
-        student: student logits ``[B, ..., C]``.
-        weight: multiplies this term (e.g. ``1/(K-1)`` in pairwise DML, ``lambda1`` in AHBF).
-        detach: ``True`` treats the teacher (and its mixture weights) as a constant, ``False``
-            lets gradient flow into it, ``None`` follows the loss's default (detached).
-        teacher_log_weights: optional log mixture weights, shape ``[K]`` or ``[K, B, ...]``
-            (the teacher's shape without the class dim); must be normalised (logsumexp = 0).
-
-    Example:
-        >>> z = torch.randn(4, 10)
-        >>> term = KDTerm("leaf0", teacher=z.mean(0, keepdim=True).expand(4, 10), student=z)
-        >>> term.is_mixture
-        False
-    """
-
-    name: str
-    teacher: torch.Tensor
-    student: torch.Tensor
-    weight: float = 1.0
-    detach: bool | None = None
-    teacher_log_weights: torch.Tensor | None = None
-
-    @property
-    def is_mixture(self) -> bool:
-        """Whether the teacher is a mixture of softened components (see ``teacher_log_weights``)."""
-        return self.teacher_log_weights is not None
-
-
-@dataclass
-class Targets:
-    """Everything an aggregator produces for one batch.
-
-    Args:
-        kd: distillation terms.
-        ce: name -> extra logits that get a cross-entropy with the labels (for example
-            ``{"teacher": z_e}`` for ONE). Logged as ``"ce/<name>"``.
-
-    Example:
-        >>> Targets(kd=[], ce={})
-        Targets(kd=[], ce={})
-    """
-
-    kd: list[KDTerm] = field(default_factory=list)
-    ce: dict[str, torch.Tensor] = field(default_factory=dict)
+from branchify.outputs import BranchedOutput, KDTerm, Targets  # noqa: F401  (KDTerm: re-exported for aggregators)
 
 
 class AggregatorError(ValueError):
@@ -85,7 +26,7 @@ class Aggregator(nn.Module):
     Subclasses with layers build them in :meth:`_build` once every size is known, either
     from constructor arguments or, in :meth:`bind`, from the branched model's metadata
     (``num_leaves``, ``cut_channels()``, ``feature_dim``, ``feature_map_channels``,
-    ``spec.target``). :class:`~branchify.loss.OnlineKD` calls :meth:`bind` and then assigns the
+    ``spec.target``). :meth:`branchify.contract.LeafModel.attach` calls :meth:`bind` and then assigns the
     aggregator to ``model.aggregator`` so its parameters train with the model; ``export()``
     drops them.
 

@@ -48,8 +48,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
     raise ImportError("branchify.integrations.hf needs Hugging Face transformers (and accelerate for the "
                       "Trainer): pip install 'branchify[hf]'") from exc
 
-from branchify.loss import LossOutput, OnlineKD
-from branchify.model import BranchedModel, branchify
+from branchify.build import branchify
+from branchify.model import BranchedModel
+from branchify.online_kd import LossOutput, OnlineKD
 from branchify.outputs import BranchedOutput
 
 from .hf_tracer import HFTracer, coarse_leaf_paths
@@ -187,7 +188,7 @@ class BranchedHFModel(nn.Module):
 
     Args:
         branched: the branched model (from :func:`branchify.branchify` on ``model``).
-        okd: its loss (:class:`~branchify.loss.OnlineKD`).
+        okd: its loss (:class:`~branchify.OnlineKD`).
         model: the original transformers model (read for its class, config and tied weights;
             not kept).
         task: override :func:`infer_task`.
@@ -206,7 +207,7 @@ class BranchedHFModel(nn.Module):
         if not isinstance(branched, BranchedModel):
             raise TypeError(f"branched must be a branchify.BranchedModel, got {type(branched).__name__}")
         if not isinstance(okd, OnlineKD):
-            raise TypeError(f"okd must be a branchify.loss.OnlineKD, got {type(okd).__name__}")
+            raise TypeError(f"okd must be a branchify.OnlineKD, got {type(okd).__name__}")
         if not hasattr(model, "config") or not hasattr(type(model), "from_pretrained"):
             raise TypeError(f"model must be the original transformers PreTrainedModel, got {type(model).__name__}")
         if branched.spec.deepen:
@@ -228,7 +229,7 @@ class BranchedHFModel(nn.Module):
         self.model_class = type(model)
         self.main_input_name = getattr(model, "main_input_name", "input_ids")
         # (node, argument, default) of the traced inputs, in order.
-        self.input_names = [arg for _, arg, _ in branched._model_inputs]
+        self.input_names = [arg for _, arg, _ in branched.model_inputs]
         self._tie_groups = tie_groups(model)
         self._log_sums: dict[str, torch.Tensor] = {}
         self._log_count = 0
@@ -260,19 +261,29 @@ class BranchedHFModel(nn.Module):
             raise TypeError(f"the branched model was traced with inputs {self.input_names} and cannot use "
                             f"{unexpected}; trace with HFTracer(input_names=[...]) (branchify_hf(..., "
                             f"input_names=[...])) to include them, or drop them from the batch")
-        out = self.branched(**given)
+        out, logits = self.branched_output(**given)
         loss = None
         if labels is not None:
             result = self.compute_loss(out, labels)
             loss = result.total
             if self.training:
                 self._accumulate(result.parts)
-        return self._output_class()(loss=loss, logits=out.logits[self.target])
+        return self._output_class()(loss=loss, logits=logits)
+
+    def branched_output(self, **inputs: Any) -> tuple[BranchedOutput, torch.Tensor]:
+        """The tree's output with the aggregator's targets (shifted by one position for causal LMs,
+        so that the teachers predict the next token too), and the target leaf's unshifted logits."""
+        out = self.branched.forward_leaves(**inputs)
+        logits = out.logits[self.target]  # every position, as the original model returns them
+        if self.task == "causal":
+            out = _shift_output(out)
+        return self.branched.aggregate(out), logits
 
     def compute_loss(self, out: BranchedOutput, labels: torch.Tensor) -> LossOutput:
-        """The online-KD loss of a branched output (label shift for causal LMs)."""
+        """The online-KD loss of this wrapper's output (causal LMs: already shifted, so the labels
+        drop their first position)."""
         if self.task == "causal":
-            out, labels = _shift_output(out), labels[:, 1:]
+            labels = labels[:, 1:]
         return self.okd(out, labels)
 
     def _output_class(self) -> type:

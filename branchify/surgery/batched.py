@@ -1,5 +1,7 @@
 """Batched replicas: sibling segments that share their structure run as one vmapped call.
 
+This module plans the groups and runs one group; :mod:`branchify.surgery.runner` walks the tree.
+
 A level of the tree holds R replicas of one template segment. When they are structurally
 identical (same graph, same parameter shapes; deepened leaves are not), their forward is one
 ``torch.vmap`` over ``torch.func.functional_call(template, stacked_params, ...)``: convolutions
@@ -31,7 +33,6 @@ sibling, run on the loop.
 """
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Union
@@ -42,12 +43,11 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..schedules import scale_grad
+from ..autograd import scale_grad
 from .stacking import stack_replicas, write_back
 from .vmap_batchnorm import vmap_template
 
 if TYPE_CHECKING:
-    from ..model import BranchedModel
     from ..spec import Spec
 
 Path = tuple[int, ...]
@@ -202,15 +202,6 @@ def _slots(group: ReplicaGroup, segs: list[nn.Module]) -> _Slots:
     return cache
 
 
-def call_segment(seg: nn.Module, names: list[str], env: dict[str, Any], scale: float) -> dict[str, Any]:
-    """Run one segment on its inputs from ``env`` (gradient into them scaled by ``scale``)."""
-    if scale != 1.0:
-        inputs = {n: scale_grad(env[n], scale) if isinstance(env[n], torch.Tensor) else env[n] for n in names}
-    else:
-        inputs = {n: env[n] for n in names}
-    return {**env, **seg(**inputs)}
-
-
 def _over_parents(values: list[torch.Tensor], origin: dict[int, tuple[torch.Tensor, int]]) -> torch.Tensor:
     """``values`` (one per parent) as one ``[P, ...]`` tensor: the parent level's stacked output
     when they are consecutive slices of it (no copy), else a stack."""
@@ -248,10 +239,10 @@ def _cumulative_momentum(slots: _Slots, buffers: dict[str, torch.Tensor]) -> Ite
             m.momentum = None
 
 
-def _group_forward(model: "BranchedModel", group: ReplicaGroup, envs: dict[Path, dict[str, Any]],
-                   origin: dict[int, tuple[torch.Tensor, int]], names: list[str], scale: float) -> dict[str, torch.Tensor]:
+def group_forward(segments: nn.ModuleDict, group: ReplicaGroup, envs: dict[Path, dict[str, Any]],
+                  origin: dict[int, tuple[torch.Tensor, int]], names: list[str], scale: float) -> dict[str, torch.Tensor]:
     """One vmapped call for all replicas of ``group``: their outputs stacked ``[R, ...]``."""
-    segs = [model.segments[model_key(p)] for p in group.members]
+    segs = [segments[model_key(p)] for p in group.members]
     template = segs[0]
     if any(s.training != template.training for s in segs):
         raise NotBatchable("replicas are in different train/eval modes", permanent=False)
@@ -295,77 +286,3 @@ def _group_forward(model: "BranchedModel", group: ReplicaGroup, envs: dict[Path,
     if not isinstance(out, dict) or not all(isinstance(v, torch.Tensor) for v in out.values()):
         raise NotBatchable(f"the segment returned {type(out).__name__} with non-tensor values")
     return {k: v.flatten(0, 1) for k, v in out.items()} if shape else out
-
-
-def _run_group(model: "BranchedModel", group: ReplicaGroup, envs: dict[Path, dict[str, Any]],
-               origin: dict[int, tuple[torch.Tensor, int]], names: list[str], scale: float) -> None:
-    if torch.compiler.is_compiling():  # no fallback inside a compiled graph: errors must surface
-        out = _group_forward(model, group, envs, origin, names, scale)
-    else:
-        try:
-            out = _group_forward(model, group, envs, origin, names, scale)
-        except Exception as exc:
-            if model.batched is True:
-                raise RuntimeError(
-                    f"batched=True: replicas {[model_key(p) for p in group.members]} cannot run as one "
-                    f"vmapped call ({type(exc).__name__}: {exc}); use batched='auto' (falls back to one "
-                    f"call per replica) or batched=False") from exc
-            # The loop tells a vmap limitation from bad inputs: with bad inputs it raises too.
-            for p in group.members:
-                envs[p] = call_segment(model.segments[model_key(p)], names, envs[p[:-1]], scale)
-            if not isinstance(exc, NotBatchable) or exc.permanent:
-                group.disabled = f"{type(exc).__name__}: {exc}"
-                warnings.warn(f"replicas {[model_key(p) for p in group.members]} run one call each from now "
-                              f"on: vmap cannot run them ({group.disabled})", stacklevel=4)
-            return
-    for i, p in enumerate(group.members):
-        own = {}
-        for k, v in out.items():
-            own[k] = v[i]
-            origin[id(own[k])] = (v, i)
-        envs[p] = {**envs[p[:-1]], **own}
-
-
-def run_tree(model: "BranchedModel", env: dict[str, Any]) -> tuple[list, list, list, dict]:
-    """Run the whole tree level by level, each group in one call; returns the forward's pieces
-    (logits, features, feature maps per leaf in leaf order; cuts in depth-first order)."""
-    segments = model.segments
-    envs: dict[Path, dict[str, Any]] = {(): call_segment(segments["trunk"], model._level_inputs[0], env, 1.0)}
-    origin: dict[int, tuple[torch.Tensor, int]] = {}  # id(slice) -> (stacked output, index)
-    for level, units in enumerate(model._batch_plan.levels, start=1):
-        names = model._level_inputs[level]
-        scale = model._grad_scale[level - 1]
-        for unit in units:
-            if isinstance(unit, ReplicaGroup) and unit.disabled is None:
-                _run_group(model, unit, envs, origin, names, scale)
-                continue
-            for p in (unit.members if isinstance(unit, ReplicaGroup) else [unit]):
-                envs[p] = call_segment(segments[model_key(p)], names, envs[p[:-1]], scale)
-    lg, ft, fm = model._heads
-    logits, feats, fmaps = [], [], []
-    for p in model.leaf_paths:
-        logits.append(envs[p][lg])
-        feats.append(envs[p][ft] if ft is not None else None)
-        fmaps.append(envs[p][fm] if fm is not None else None)
-    cuts = {}
-    for p in sorted(envs):  # tuples sort in depth-first pre-order, the loop's order
-        cut = model._cut_names[len(p) + 1] if model._children[p] else None
-        if cut is not None:
-            cuts[p] = envs[p][cut]
-    return logits, feats, fmaps, cuts
-
-
-@contextmanager
-def loop_only(model: "BranchedModel") -> Iterator[None]:
-    """Run ``model`` one call per replica inside the block (e.g. per-segment FLOP counting).
-
-    Example:
-        >>> with loop_only(bm):        # doctest: +SKIP
-        ...     out = bm(x)
-    """
-    mode = model.batched
-    model.batched = False
-    try:
-        yield
-    finally:
-        model.batched = mode

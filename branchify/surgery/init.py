@@ -22,22 +22,23 @@ INIT_DESCRIPTIONS = {
 }
 
 
-def is_hf_model(model: nn.Module) -> bool:
-    return type(model).__module__.startswith("transformers.") and hasattr(model, "_init_weights")
+def resolve_init(init: str, model: nn.Module, model_fn: Callable[[], nn.Module] | None,
+                 preferred: str | None = None) -> str:
+    """Turn ``"auto"`` into the best concrete method; check that the method can run.
 
-
-def resolve_init(init: str, model: nn.Module, model_fn: Callable[[], nn.Module] | None) -> str:
-    """Turn ``"auto"`` into the best concrete method; check that the method can run."""
+    ``"auto"``: ``"donor"`` with a ``model_fn``, else the model's plugin's ``preferred`` method
+    (``"hf"`` for Hugging Face models), else ``"shuffle"``.
+    """
     if init == "auto":
         if model_fn is not None:
             return "donor"
-        return "hf" if is_hf_model(model) else "shuffle"
+        return preferred or "shuffle"
     if init == "donor" and model_fn is None:
         raise ValueError("init='donor' needs model_fn=<a factory that builds a fresh model of the "
                          "same architecture>; pass model_fn or use init='auto'")
-    if init == "hf" and not is_hf_model(model):
-        raise ValueError(f"init='hf' needs a Hugging Face PreTrainedModel, got {type(model).__name__}; "
-                         f"use init='auto'")
+    if init == "hf" and not callable(getattr(model, "_init_weights", None)):
+        raise ValueError(f"init='hf' needs a model with Hugging Face's _init_weights (a PreTrainedModel), got "
+                         f"{type(model).__name__}; use init='auto'")
     return init
 
 

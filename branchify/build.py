@@ -1,0 +1,159 @@
+"""``branchify(model, spec)``: trace, cut, replicate, initialise - and return a :class:`BranchedModel`."""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .model import BranchedModel
+from .registry import plugin_for
+from .spec import INPUT, Spec, SpecError
+from .surgery.batched import BatchedMode, check_mode
+from .surgery.batched import model_key as _key
+from .surgery.deepen import check_deepen, container_blocks, deepen_graph, identity_init
+from .surgery.init import INIT_DESCRIPTIONS, reinitialise, resolve_init
+from .surgery.partition import make_inplace_safe, partition
+from .surgery.runner import TreeLayout
+from .surgery.tracing import trace
+
+
+def branchify(model: nn.Module, spec: Spec, *, model_fn: Callable[[], nn.Module] | None = None,
+              tracer: fx.Tracer | None = None, feature_node: str | None = None,
+              batched: BatchedMode = "auto") -> BranchedModel:
+    """Cut ``model`` at ``spec.splits`` and grow the branch tree ``spec`` describes.
+
+    The model is traced with torch.fx (``tracer`` overrides the default; Hugging Face models get
+    the coarse HF tracer). The user's model is never mutated: branchify works on a deep copy.
+    Child 0 of every node keeps the original weights (so leaf 0 starts as the original
+    model); every other replica is re-initialised as ``spec.init`` says.
+
+    Args:
+        model: any fx-traceable model whose forward returns logits.
+        spec: the tree (:class:`~branchify.spec.Spec`).
+        model_fn: factory for a fresh model of the same architecture: replicas then start
+            from the architecture's own init (``init="donor"``, chosen by ``"auto"``).
+        tracer: an ``fx.Tracer`` (e.g. :class:`branchify.Tracer` with leaf modules).
+        feature_node: fx node name or module path whose output is the "features" (default:
+            the input of the final Linear).
+        batched: run structurally identical sibling replicas as one vmapped call: ``"auto"``
+            (on CUDA, where it is faster; one call per replica elsewhere), ``True`` or ``False``.
+            Only the execution changes (see :attr:`BranchedModel.batched`).
+
+    Example:
+        >>> net = torchvision.models.resnet18(num_classes=10)
+        >>> bm = branchify(net, Spec(splits=["layer3", "layer4"], fanout=[2, 2]))
+        >>> [z.shape for z in bm(torch.randn(2, 3, 32, 32)).logits]   # doctest: +SKIP
+        [torch.Size([2, 10])] * 4
+    """
+    if not isinstance(spec, Spec):
+        raise TypeError(f"spec must be a branchify.Spec, got {type(spec).__name__}")
+    check_mode(batched)
+    plugin = plugin_for(model)
+    if tracer is None and plugin is not None and plugin.tracer is not None:
+        tracer = plugin.tracer(model)
+    if model_fn is None and plugin is not None and plugin.model_fn is not None:
+        model_fn = plugin.model_fn(model)
+    how = resolve_init(spec.init, model, model_fn, plugin.init if plugin is not None else None)
+    for container, extra in spec.deepen.items():
+        check_deepen(model, container, extra)
+    work = copy.deepcopy(model)
+    was_training = work.training
+    gm = trace(work, tracer)
+    part = partition(gm, spec.splits, feature_node)
+    if part.tied:
+        names = ", ".join(f"{k} (levels {v})" for k, v in list(part.tied.items())[:8])
+        warnings.warn(f"parameters tied across a cut become untied (each level gets its own copy; "
+                      f"export keeps the copy nearest the trunk): {names}", stacklevel=2)
+    sd_orig = work.state_dict()
+    if part.unexecuted:
+        warnings.warn(f"{len(part.unexecuted)} state_dict entries belong to modules the forward never "
+                      f"runs ({part.unexecuted[:5]}...); export fills them from the original model",
+                      stacklevel=2)
+    unexecuted = {k: sd_orig[k] for k in part.unexecuted}
+    segments: dict[str, fx.GraphModule] = {_key(()): part.levels[0]}
+    leaf_index = {p: i for i, p in enumerate(spec.leaf_paths())}
+    for level in range(1, spec.num_levels + 1):
+        template = part.levels[level]
+        for path in spec.level_paths(level):
+            replica = copy.deepcopy(template)
+            if path[-1] != 0:
+                reinitialise(replica, how, original=work, model_fn=model_fn)
+            make_inplace_safe(replica)
+            if level == spec.num_levels:
+                _apply_deepen(replica, spec, leaf_index[path], work, how, model_fn)
+            segments[_key(path)] = replica
+    _warn_identical_replicas(segments, spec, how)
+    if spec.splits[0] == INPUT:
+        make_inplace_safe(part.levels[0])
+    skeleton, nonpersistent = _skeleton_of(model)
+    graph = spec.graph()
+    layout = TreeLayout(level_inputs=part.level_inputs, cut_names=part.cut_names,
+                        heads=(part.logits_name, part.features_name, part.feature_map_name),
+                        grad_scale=[spec.grad_scale.get(s, 1.0) for s in spec.splits],
+                        children={p: list(graph.successors(p)) for p in graph.nodes},
+                        leaf_paths=spec.leaf_paths())
+    bm = BranchedModel(spec, segments, layout, part.model_inputs, skeleton, nonpersistent, unexecuted,
+                       init_used=INIT_DESCRIPTIONS[how], tied=part.tied, batched=batched,
+                       final_linear_in=part.final_linear.in_features if part.final_linear is not None else None)
+    bm.train(was_training)
+    return bm
+
+
+def _warn_identical_replicas(segments: dict[str, fx.GraphModule], spec: Spec, how: str) -> None:
+    """Identical siblings get identical gradients and never diverge: say so loudly.
+
+    Re-initialised replicas can still come out identical to child 0, e.g. when ``model_fn``
+    re-seeds the global RNG before building its model.
+    """
+    if how == "copy":
+        return
+    for level in range(1, spec.num_levels + 1):
+        for path in spec.level_paths(level):
+            if path[-1] == 0:
+                continue
+            mine, first = segments[_key(path)], segments[_key(path[:-1] + (0,))]
+            theirs = dict(first.named_parameters())
+            params = dict(mine.named_parameters())
+            if params and params.keys() == theirs.keys() and all(
+                    torch.equal(p, theirs[k]) for k, p in params.items()):
+                warnings.warn(f"replica {_key(path)} starts with exactly the weights of "
+                              f"{_key(path[:-1] + (0,))} (init {how!r}), so the two will stay identical; "
+                              f"if model_fn seeds the random generator, remove the seeding", stacklevel=3)
+
+
+def _apply_deepen(replica: fx.GraphModule, spec: Spec, leaf: int, work: nn.Module, how: str,
+                  model_fn: Callable[[], nn.Module] | None) -> None:
+    for container, counts in spec.deepen.items():
+        extra = counts[leaf]
+        if not extra:
+            continue
+        cont = container_blocks(work, container)
+        n = len(cont)
+        new_blocks = []
+        for j in range(max(extra, 0)):
+            blk = copy.deepcopy(cont[n - 1])
+            src = f"{container}.{n - 1}."
+            reinitialise(blk, "shuffle" if how == "copy" else how, original=work, model_fn=model_fn,
+                         prefix_map=lambda k, src=src: src + k)
+            if spec.deepen_init == "identity" and not identity_init(blk):
+                raise SpecError(f"deepen_init='identity': the appended block {container}.{n - 1} "
+                                f"({type(blk).__name__}) could not be made to start as the identity (no "
+                                f"last normalisation layer whose zero scale silences its residual branch); "
+                                f"pass deepen_init='standard' to keep the architecture's own init")
+            new_blocks.append(blk)
+        deepen_graph(replica, container, n, new_blocks, max(-extra, 0))
+
+
+def _skeleton_of(model: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A meta-device deep copy of ``model`` plus its non-persistent buffers (kept real)."""
+    nonpersistent = {}
+    for mname, m in model.named_modules():
+        for b in m._non_persistent_buffers_set:
+            if m._buffers.get(b) is not None:
+                nonpersistent[f"{mname}.{b}" if mname else b] = m._buffers[b].detach().clone()
+    skeleton = copy.deepcopy(model).to("meta")
+    return skeleton, nonpersistent

@@ -1,0 +1,36 @@
+"""Named method presets: one call builds the paper's tree, aggregator and loss around a model.
+
+Example:
+    >>> import torchvision, branchify as bf
+    >>> model, okd = bf.method("one", torchvision.models.resnet18(num_classes=10))   # doctest: +SKIP
+    >>> model, okd = bf.method("tsa", net, split=["layer2", "layer3"], alpha=0.3)    # doctest: +SKIP
+
+Every preset is one module here with the same shape - ``DEFAULTS`` (every option it takes),
+``build(model, options) -> (spec, aggregator, loss kwargs)`` and its registration - and its
+docstring says what it computes and where that comes from:
+
+======== ==================================== =================== ==========================
+name     tree (default)                       aggregator          loss defaults
+======== ==================================== =================== ==========================
+one      3 leaves at the last stage           Gate (detached)     T=3, ramp 80/300 of run
+cl_ilr   ONE's tree, grad x 1/K into trunk    PeerMean            T=3, ramp 80/300 of run
+okddip   4 leaves (leader = target leaf 0)    PeerAttention       T=3, ramp 80/300, not detached
+tsa      splits at last two stages, [2, 2]    Pairwise (detached) T=3, CE x (1-a), KD x a, a=0.5
+u_tsa    same splits, fanout [2, [3, 1]]      Pairwise (detached) as tsa
+ahbf     4 leaves, leaf m gets a*m blocks     HierarchicalTA      T=3, ramp over whole run
+dml      "<input>": 2 whole networks          Pairwise (detached) T=1, no ramp
+======== ==================================== =================== ==========================
+
+Without ``split=`` every preset cuts where :mod:`branchify.surgery.default_split` says - one rule
+for every model (the last stage of a ResNet: ``layer4``, TSA ``["layer3", "layer4"]``; a CIFAR
+ResNet: ``layer3``, TSA ``["layer2", "layer3"]``; the 9th of 12 transformer layers...), recorded in
+``model.split_reason`` and printed by ``describe()``.
+"""
+from . import ahbf, cl_ilr, dml, okddip, one, tsa  # noqa: F401  (each registers its preset)
+from ..surgery.default_split import default_splits
+from .common import COMMON, ONE_RAMP
+from .registry import (MethodError, Preset, available_methods, get_preset, method, nearest, register_method,
+                       resolve)
+
+__all__ = ["COMMON", "MethodError", "ONE_RAMP", "Preset", "available_methods", "default_splits", "get_preset",
+           "method", "nearest", "register_method", "resolve"]

@@ -1,0 +1,63 @@
+"""What every preset shares: the generic options, where to split, and option checks."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..surgery.default_split import default_splits
+from .registry import MethodError
+
+ONE_RAMP = 80 / 300
+"""ONE's and OKDDip's ramp: 80 of 300 epochs, kept as a fraction so it scales with the run."""
+
+COMMON: dict[str, Any] = {
+    "split": None, "target": 0, "init": "auto", "temperature": 3.0, "ramp": None, "ce_weight": 1.0,
+    "kd_weight": 1.0, "detach": None, "teacher": None, "teacher_weight": 1.0, "teacher_temperature": None,
+}
+"""Options every preset accepts (with their generic defaults; presets change some). ``model_fn``,
+``tracer``, ``feature_node`` and ``batched`` are accepted too and go to ``branchify()``."""
+
+LOSS_OPTIONS = ("temperature", "ramp", "ce_weight", "kd_weight", "detach", "teacher", "teacher_weight",
+                "teacher_temperature")
+
+
+def loss_kwargs(o: dict) -> dict:
+    """The options that configure :class:`~branchify.OnlineKD`."""
+    return {k: o[k] for k in LOSS_OPTIONS}
+
+
+def branches(o: dict, minimum: int) -> int:
+    """The ``branches`` option, validated."""
+    k = o["branches"]
+    if isinstance(k, bool) or not isinstance(k, int) or k < minimum:
+        raise MethodError(f"branches={k!r} must be an int >= {minimum}")
+    return k
+
+
+def as_splits(o: dict, levels: int | None, model: nn.Module) -> list[str]:
+    """The ``split`` option as a list of paths; ``None`` -> the default split rule
+    (:mod:`branchify.surgery.default_split`) for ``levels`` levels, noted in ``o["_split_reason"]``."""
+    split = o["split"]
+    if split is None:
+        try:
+            chosen = default_splits(model, levels or 1, o.get("tracer"))
+        except ValueError as exc:
+            raise MethodError(f"{exc}; pass split=<module path> (a list of {levels or 1} for this method); "
+                              f"branchify.split_points(model) lists the candidates") from None
+        o["_split_reason"] = chosen.reason
+        o["_default_splits"] = chosen
+        return chosen.splits
+    splits = [split] if isinstance(split, str) else list(split)
+    if levels is not None and len(splits) != levels:
+        raise MethodError(f"split={split!r} gives {len(splits)} split point(s) but this method needs {levels}")
+    return splits
+
+
+def choice(o: dict, key: str, choices: dict[str, str]) -> str:
+    """``o[key]`` if it is one of ``choices`` (value -> what it means), else an error listing them."""
+    value = o[key]
+    if value not in choices:
+        listing = "; ".join(f"{c!r} ({what})" for c, what in choices.items())
+        raise MethodError(f"{key}={value!r} is unknown; choose {listing}")
+    return value

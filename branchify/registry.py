@@ -1,0 +1,102 @@
+"""Plugins: how framework integrations tell the core how to trace and initialise their models.
+
+The core never imports an integration (``import branchify`` needs neither transformers, timm nor
+lightning). An integration describes itself with a :class:`Plugin` - a cheap test that a model is
+one of its models, and hooks the core calls for such a model - and makes it known either by
+calling :func:`register_plugin` or through the ``branchify.plugins`` entry point group (how the
+integrations shipped in ``branchify.integrations`` are found). The entry points are read the
+first time a model is looked up; loading one must not import its framework.
+
+Example:
+    >>> from branchify.registry import Plugin, register_plugin
+    >>> register_plugin(Plugin("mine", matches=lambda m: type(m).__name__ == "MyNet",
+    ...                        tracer=lambda m: branchify.Tracer(leaf_modules=[MyAttention])))  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Callable
+
+import torch.fx as fx
+from torch import nn
+
+ENTRY_POINT_GROUP = "branchify.plugins"
+
+
+@dataclass(frozen=True)
+class Plugin:
+    """What an integration provides for its models (every hook is optional).
+
+    Attributes:
+        name: shown in messages and :func:`plugin_for`'s result.
+        matches: ``model -> bool``; must be cheap and must not import the framework (check the
+            class hierarchy's module names instead).
+        tracer: ``model -> fx.Tracer`` used when ``branchify()`` gets no ``tracer=``.
+        model_fn: ``model -> (() -> fresh model) or None``: a factory of freshly initialised
+            models of the same architecture, used for replica init when ``model_fn=`` is not given.
+        init: a concrete replica-init method (``"hf"``) chosen by ``init="auto"`` when no factory
+            is available.
+    """
+
+    name: str
+    matches: Callable[[nn.Module], bool]
+    tracer: Callable[[nn.Module], fx.Tracer | None] | None = None
+    model_fn: Callable[[nn.Module], Callable[[], nn.Module] | None] | None = None
+    init: str | None = None
+
+
+_PLUGINS: list[Plugin] = []
+_ENTRY_POINTS_LOADED = False
+
+
+def register_plugin(plugin: Plugin) -> Plugin:
+    """Make ``plugin`` known (a plugin of the same name is replaced)."""
+    if not isinstance(plugin, Plugin):
+        raise TypeError(f"register_plugin takes a branchify.registry.Plugin, got {type(plugin).__name__}")
+    _PLUGINS[:] = [p for p in _PLUGINS if p.name != plugin.name]
+    _PLUGINS.append(plugin)
+    return plugin
+
+
+def _load_entry_points() -> None:
+    global _ENTRY_POINTS_LOADED
+    if _ENTRY_POINTS_LOADED:
+        return
+    _ENTRY_POINTS_LOADED = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        plugin = ep.load()
+        if isinstance(plugin, Plugin) and all(p.name != plugin.name for p in _PLUGINS):
+            _PLUGINS.append(plugin)
+
+
+def plugins() -> list[Plugin]:
+    """Every known plugin (entry points included)."""
+    _load_entry_points()
+    return list(_PLUGINS)
+
+
+def plugin_for(model: nn.Module) -> Plugin | None:
+    """The plugin whose ``matches`` accepts ``model`` (the last registered wins), else ``None``."""
+    for plugin in reversed(plugins()):
+        if plugin.matches(model):
+            return plugin
+    return None
+
+
+def plugin_tracer(model: nn.Module) -> fx.Tracer | None:
+    """The tracer ``model``'s plugin gives it, or ``None`` (plain torch.fx)."""
+    plugin = plugin_for(model)
+    return plugin.tracer(model) if plugin is not None and plugin.tracer is not None else None
+
+
+def plugin_model_fn(model: nn.Module) -> Callable[[], nn.Module] | None:
+    """A fresh-model factory from ``model``'s plugin, or ``None``."""
+    plugin = plugin_for(model)
+    return plugin.model_fn(model) if plugin is not None and plugin.model_fn is not None else None
+
+
+def plugin_init(model: nn.Module) -> str | None:
+    """The replica-init method ``model``'s plugin prefers, or ``None``."""
+    plugin = plugin_for(model)
+    return plugin.init if plugin is not None else None

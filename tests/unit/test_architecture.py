@@ -1,0 +1,133 @@
+"""The package's shape: no import cycles, a core free of integrations, small modules and functions.
+
+Read from the source with ``ast`` (nothing is imported). "Core" is every module of ``branchify``
+except ``branchify.integrations`` (framework glue, found through entry points) and
+``branchify.recipes`` (the training application built on the public API, like a user's script).
+Imports under ``if TYPE_CHECKING:`` only serve type checkers and are not counted.
+"""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2] / "branchify"
+FRAMEWORKS = ("transformers", "timm", "lightning", "pytorch_lightning")
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 80
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute names of every module ``path`` imports (at any depth, TYPE_CHECKING blocks aside)."""
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and _is_type_checking(child):
+                for other in child.orelse:
+                    visit(other)
+                continue
+            if isinstance(child, ast.Import):
+                found.update(a.name for a in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                if child.level:
+                    base = package.split(".")
+                    base = base[: len(base) - child.level + 1]
+                    target = ".".join(base + ([child.module] if child.module else []))
+                else:
+                    target = child.module or ""
+                found.add(target)
+                found.update(f"{target}.{a.name}" for a in child.names)  # "from pkg import submodule"
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return found
+
+
+MODULES = {_module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+CORE = {m: p for m, p in MODULES.items()
+        if not m.startswith(("branchify.integrations", "branchify.recipes"))}
+
+
+def _graph() -> dict[str, set[str]]:
+    return {m: {t for t in _imports(p) if t in MODULES and t != m} for m, p in MODULES.items()}
+
+
+def test_no_import_cycle_among_branchify_modules():
+    graph = _graph()
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def dfs(m: str) -> list[str] | None:
+        state[m] = 1
+        path.append(m)
+        for t in sorted(graph[m]):
+            if state.get(t) == 1:
+                return path[path.index(t):] + [t]
+            if t not in state:
+                cycle = dfs(t)
+                if cycle:
+                    return cycle
+        path.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state:
+            cycle = dfs(m)
+            assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+@pytest.mark.parametrize("module", sorted(CORE))
+def test_core_imports_neither_integrations_nor_frameworks(module):
+    bad = [t for t in _imports(CORE[module])
+           if t.startswith("branchify.integrations") or t.startswith("branchify.recipes")
+           or t.split(".")[0] in FRAMEWORKS]
+    assert not bad, f"{module} imports {bad}"
+
+
+def test_modules_and_functions_are_small():
+    big, long_functions = [], []
+    for module, path in MODULES.items():
+        source = path.read_text()
+        if source.count("\n") > MAX_MODULE_LINES:
+            big.append(f"{module} ({source.count(chr(10))} lines)")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    long_functions.append(f"{module}.{node.name} ({length} lines)")
+    assert not big, f"modules over {MAX_MODULE_LINES} lines: {big}"
+    assert not long_functions, f"functions over {MAX_FUNCTION_LINES} lines: {long_functions}"
+
+
+def test_import_branchify_imports_no_framework():
+    code = ("import sys, branchify, branchify.methods, branchify.registry; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in %r))" % (FRAMEWORKS,))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
+def test_public_namespace_is_what_it_exports():
+    import branchify as bf
+
+    public = {n for n in dir(bf) if not n.startswith("_")}
+    submodules = {n for n in public if type(getattr(bf, n)).__name__ == "module"}
+    assert public - submodules == set(bf.__all__) - submodules
+    assert not {"nn", "annotations", "torch"} & public
