@@ -59,12 +59,12 @@ def isolated(monkeypatch, tmp_path):
     """No env vars, a missing system dir, a private cache and a download that fails offline."""
     monkeypatch.delenv(data.ENV_FASHION_MNIST, raising=False)
     monkeypatch.setenv(data.ENV_DATA, str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST_DIR", tmp_path / "system-missing")
+    monkeypatch.setattr(data.sources, "SYSTEM_FASHION_MNIST_DIR", tmp_path / "system-missing")
 
     def offline(destination):
         raise urllib.error.URLError("no network in tests")
 
-    monkeypatch.setattr(data, "_download_fashion_mnist", offline)
+    monkeypatch.setattr(data.sources, "_download_fashion_mnist", offline)
     return tmp_path
 
 
@@ -102,7 +102,7 @@ def test_resolution_order_explicit_then_env_then_system(isolated, monkeypatch):
     explicit = make_fake_fmnist(isolated / "explicit")
     from_env = make_fake_fmnist(isolated / "env", compress=False)
     system = make_fake_fmnist(isolated / "system")
-    monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST_DIR", system)
+    monkeypatch.setattr(data.sources, "SYSTEM_FASHION_MNIST_DIR", system)
     monkeypatch.setenv(data.ENV_FASHION_MNIST, str(from_env))
     assert find_fashion_mnist(explicit) == explicit
     assert find_fashion_mnist() == from_env
@@ -112,7 +112,7 @@ def test_resolution_order_explicit_then_env_then_system(isolated, monkeypatch):
 
 def test_unusable_explicit_root_warns_and_falls_back(isolated, monkeypatch):
     system = make_fake_fmnist(isolated / "system")
-    monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST_DIR", system)
+    monkeypatch.setattr(data.sources, "SYSTEM_FASHION_MNIST_DIR", system)
     (isolated / "empty").mkdir()
     with pytest.warns(UserWarning, match="train-images-idx3-ubyte"):
         assert find_fashion_mnist(isolated / "empty") == system
@@ -125,7 +125,7 @@ def test_torchvision_layout_is_accepted(isolated):
 
 def test_download_used_when_nothing_local(isolated, monkeypatch):
     monkeypatch.setattr(
-        data, "_download_fashion_mnist", lambda dest: make_fake_fmnist(dest / "FashionMNIST" / "raw")
+        data.sources, "_download_fashion_mnist", lambda dest: make_fake_fmnist(dest / "FashionMNIST" / "raw")
     )
     found = find_fashion_mnist()
     assert found == isolated / "cache" / "fashion-mnist" / "FashionMNIST" / "raw"

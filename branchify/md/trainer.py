@@ -1,41 +1,6 @@
-"""MD (Gao et al. 2019): cross-architecture online distillation by interval distillation against
-fixed, accuracy-weighted soft labels - in one process or across ranks.
-
-Protocol (METHODS.md "MD"), repeated until the epoch budget ends:
-
-1. ``T_in`` epochs of independent training: each peer minimises CE alone.
-2. At the first distillation epoch of the cycle every peer computes soft labels
-   ``S_i = softmax(z / t)`` on the **whole training set** in eval mode, without augmentation;
-   they are combined as ``S_e = sum_i a_i S_i`` with ``a_i = v_i / sum_k v_k`` and ``v_i`` the
-   peer's accuracy on the validation loader when one is given, else its training accuracy
-   (from that same eval pass).
-3. ``T_d`` epochs of distillation against the *fixed* ``S_e``:
-   ``L_i = alpha * CE + beta * KL(S_e || softmax(z_i / t))`` with ``alpha = 1 - r/T_d``,
-   ``beta = 1 + r/T_d`` (``r`` = 0-based distillation epoch of the cycle), or ``alpha = 1,
-   beta = 2`` for the fixed-weight ablation (``IntervalSchedule(gradual=False)``). As in the
-   paper's Eq. 9 the KL is *not* multiplied by ``t^2`` (unlike the other methods, whose authors'
-   code does so); ``kd_t2=True`` adds it. Measured on the CPU MD benchmark: with ``t^2`` at
-   ``t = 3`` MD falls 11-12 points below independent training, without it about one.
-
-Any epoch budget works. A last cycle cut short simply stops: its epochs keep exactly the
-values they have in a full cycle (no rescaling of ``r`` or the weights), so a budget ending
-inside a distillation phase never reaches the late-cycle weights, and one ending inside an
-independent phase finishes with CE-only epochs (their soft labels are never computed). The
-paper trains "until all students converge" - choose ``epochs = k * (T_in + T_d)`` to end on a
-full cycle.
-
-Soft labels are read per batch by **training-sample index**: the training loader yields
-``(inputs, labels, indices)`` (``recipes.data.TensorLoader(..., with_index=True)`` or
-``DataLoader(IndexedDataset(dataset))``), and the soft-label loader is a second loader over the
-same training set without augmentation.
-
-Example:
-    >>> cohort = Cohort([resnet20(10, 1), mobilenetv2(10, 1)])                      # doctest: +SKIP
-    >>> opts = [torch.optim.SGD(cohort.peer_parameters(i), lr=0.05) for i in range(2)]  # doctest: +SKIP
-    >>> trainer = MDTrainer(cohort, opts, train_loader, soft_label_loader=plain_loader,   # doctest: +SKIP
-    ...                     schedule=IntervalSchedule(independent=10, distill=30))
-    >>> history = trainer.fit(epochs=80)                                                 # doctest: +SKIP
-"""
+"""The MD training loop, :class:`MDTrainer`: per-peer optimisers, the interval schedule, soft labels
+computed on the whole training set and combined across peers (in one process or across ranks),
+evaluation, and atomic per-rank checkpoints that resume a run exactly."""
 from __future__ import annotations
 
 import contextlib
@@ -49,88 +14,13 @@ from torch import nn
 
 from branchify.cohort import Cohort, call_peer, peer_logits
 from branchify.distributed import LocalExchange
-from branchify.functional import cross_entropy, kl_div_probs
-from branchify.online_kd import LossOutput
+from branchify.md.loss import MDError, md_loss
+from branchify.md.rng import _PeerRNG
 from branchify.schedules import IntervalPhase, IntervalSchedule
 from branchify.soft_labels import (SoftLabelError, compute_soft_labels, model_device, sequence_checksum,
                                    split_batch, to_device)
 
 CHECKPOINT_FORMAT = "branchify.md/1"
-
-
-class MDError(ValueError):
-    """An MD run configured inconsistently (optimisers, loaders, checkpoints); says what to change."""
-
-
-def md_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_probs: torch.Tensor | None,
-            phase: IntervalPhase | None, temperature: float = 3.0, *, kd_t2: bool = False) -> LossOutput:
-    """One peer's MD loss for a batch: CE alone, or ``alpha * CE + beta * KL(S_e || p^T)`` (Eq. 9).
-
-    Args:
-        logits: the peer's logits ``[B, C]``.
-        labels: integer labels ``[B]``.
-        teacher_probs: the batch's rows of the fixed ``S_e`` (``None`` outside distillation).
-        phase: where the epoch falls in the interval schedule (``None`` = independent baseline).
-        temperature: ``t`` of the student's softening (``S_e`` was computed with the same).
-        kd_t2: multiply the KL by ``t^2`` (the other methods' convention); default off, as in
-            the paper's Eq. 9.
-
-    Example:
-        >>> z, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
-        >>> phase = IntervalSchedule(1, 4)(3)          # r = 2: alpha 0.5, beta 1.5
-        >>> out = md_loss(z, y, torch.softmax(z / 3, -1), phase)
-        >>> round(float(out.parts["alpha"]), 2), abs(float(out.parts["kd"])) < 1e-6
-        (0.5, True)
-    """
-    ce = cross_entropy(logits, labels)
-    parts: dict[str, torch.Tensor] = {"ce": ce.detach()}
-    if phase is None or not phase.distill:
-        parts.update(alpha=torch.tensor(1.0), beta=torch.tensor(0.0))
-        return LossOutput(total=ce, parts=parts)
-    if teacher_probs is None:
-        raise MDError(f"epoch is in a distillation phase ({phase}) but no soft labels were given")
-    kd = kl_div_probs(teacher_probs, logits, temperature)
-    if not kd_t2:
-        kd = kd / (temperature * temperature)
-    parts.update(kd=kd.detach(), alpha=torch.tensor(phase.alpha), beta=torch.tensor(phase.beta))
-    return LossOutput(total=phase.alpha * ce + phase.beta * kd, parts=parts)
-
-
-class _PeerRNG:
-    """A private RNG stream per peer (CPU and its CUDA device): dropout and other random ops of one
-    peer never shift another's, so a peer trains identically whether it shares a process with
-    other peers or has a rank to itself - and resumes identically from a checkpoint."""
-
-    def __init__(self, seed: int, device: torch.device) -> None:
-        self.device = device if device.type == "cuda" else None
-        with torch.random.fork_rng(devices=[self.device] if self.device is not None else []):
-            torch.manual_seed(seed)
-            self.cpu = torch.get_rng_state()
-            self.cuda = torch.cuda.get_rng_state(self.device) if self.device is not None else None
-
-    @contextlib.contextmanager
-    def active(self):
-        saved_cpu = torch.get_rng_state()
-        saved_cuda = torch.cuda.get_rng_state(self.device) if self.device is not None else None
-        torch.set_rng_state(self.cpu)
-        if self.device is not None:
-            torch.cuda.set_rng_state(self.cuda, self.device)
-        try:
-            yield
-        finally:
-            self.cpu = torch.get_rng_state()
-            torch.set_rng_state(saved_cpu)
-            if self.device is not None:
-                self.cuda = torch.cuda.get_rng_state(self.device)
-                torch.cuda.set_rng_state(saved_cuda, self.device)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"cpu": self.cpu, "cuda": self.cuda}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.cpu = state["cpu"]
-        if self.device is not None and state.get("cuda") is not None:
-            self.cuda = state["cuda"]
 
 
 class MDTrainer:

@@ -1,0 +1,32 @@
+"""Peers on several processes with ``torch.distributed``: the MD soft-label collective, a DML-style
+per-batch logit exchange, and the checks that keep ranks consistent.
+
+Launch with ``torchrun --nproc_per_node N ...`` (one machine or many); :func:`init_from_env`
+joins the process group (gloo on CPU, nccl on GPU). Peers are numbered globally, rank-major:
+with ``P`` peers on ``W`` ranks, rank ``r`` hosts peers ``r*P/W .. (r+1)*P/W - 1``
+(:func:`assign_peers`), so ranks may hold different architectures and one process may host
+several peers. Nothing here averages peer parameters: every peer is a different network that
+lives on exactly one rank, so there is no DDP wrapper around peers (and hence no
+``find_unused_parameters`` concern); only an aggregator's parameters are replicated, see
+:class:`DistributedCohort`.
+
+Every check gathers the values of *all* ranks and raises the same error on each of them, so a
+bad launch fails everywhere with one message instead of leaving some ranks waiting forever.
+
+Example (one peer per rank, MD)::
+
+    rank, world = init_from_env()
+    mine = assign_peers(len(MODELS), world, rank)
+    cohort = Cohort([build(MODELS[i]) for i in mine])
+    trainer = MDTrainer(cohort, opts, loader, soft_label_loader=..., peer_ids=mine,
+                        exchange=CollectiveExchange(num_peers=len(MODELS)))
+"""
+from branchify.distributed.cohort import DistributedCohort
+from branchify.distributed.env import (_TORCHRUN_VARS, DistributedError, assign_peers, check_same, comm_device,
+                                       gather_objects, init_from_env, is_distributed, launched_by_torchrun,
+                                       tensor_fingerprint)
+from branchify.distributed.exchange import Aggregate, CollectiveExchange, LocalExchange, _check_partition
+
+__all__ = ["Aggregate", "CollectiveExchange", "DistributedCohort", "DistributedError", "LocalExchange",
+           "_TORCHRUN_VARS", "_check_partition", "assign_peers", "check_same", "comm_device", "gather_objects",
+           "init_from_env", "is_distributed", "launched_by_torchrun", "tensor_fingerprint"]
