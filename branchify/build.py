@@ -64,10 +64,6 @@ def branchify(model: nn.Module, spec: Spec, *, model_fn: Callable[[], nn.Module]
     was_training = work.training
     gm = trace(work, tracer)
     part = partition(gm, spec.splits, feature_node)
-    if part.tied:
-        names = ", ".join(f"{k} (levels {v})" for k, v in list(part.tied.items())[:8])
-        warnings.warn(f"parameters tied across a cut become untied (each level gets its own copy; "
-                      f"export keeps the copy nearest the trunk): {names}", stacklevel=2)
     sd_orig = work.state_dict()
     if part.unexecuted:
         warnings.warn(f"{len(part.unexecuted)} state_dict entries belong to modules the forward never "
@@ -86,6 +82,8 @@ def branchify(model: nn.Module, spec: Spec, *, model_fn: Callable[[], nn.Module]
             if level == spec.num_levels:
                 _apply_deepen(replica, spec, leaf_index[path], work, how, model_fn)
             segments[_key(path)] = replica
+    _retie(segments, spec, part.tied)
+    unfrozen = _unfreeze_reinitialised(segments, spec, how)
     _warn_identical_replicas(segments, spec, how)
     if spec.splits[0] == INPUT:
         make_inplace_safe(part.levels[0])
@@ -97,10 +95,56 @@ def branchify(model: nn.Module, spec: Spec, *, model_fn: Callable[[], nn.Module]
                         children={p: list(graph.successors(p)) for p in graph.nodes},
                         leaf_paths=spec.leaf_paths())
     bm = BranchedModel(spec, segments, layout, part.model_inputs, skeleton, nonpersistent, unexecuted,
-                       init_used=INIT_DESCRIPTIONS[how], tied=part.tied, batched=batched,
+                       init_used=INIT_DESCRIPTIONS[how], tied={k: sorted(v) for k, v in part.tied.items()},
+                       unfrozen=unfrozen, batched=batched,
                        final_linear_in=part.final_linear.in_features if part.final_linear is not None else None)
     bm.train(was_training)
     return bm
+
+
+def _retie(segments: dict[str, fx.GraphModule], spec: Spec, tied: dict[str, dict[int, list[str]]]) -> None:
+    """Keep parameters that the original model shares across a cut shared.
+
+    A module (or weight) that runs both before and after a cut - a tied embedding and LM head, a
+    block reused later - is read by several levels. Every copy after the first level that reads it
+    is replaced by that level's parameter on the same root-to-leaf path, so one tensor trains, the
+    leaf computes what the original model would, and ``export()`` reproduces it.
+    """
+    for names in tied.values():
+        first = min(names)
+        for level, level_names in names.items():
+            if level == first:
+                continue
+            for path in spec.level_paths(level):
+                source = segments[_key(path[:first])].get_parameter(names[first][0])
+                for name in level_names:
+                    owner, _, attr = name.rpartition(".")
+                    segments[_key(path)].get_submodule(owner)._parameters[attr] = source
+
+
+def _unfreeze_reinitialised(segments: dict[str, fx.GraphModule], spec: Spec, how: str) -> list[str]:
+    """Re-initialised replicas train, whatever the original's ``requires_grad``.
+
+    A frozen part of the original (a fine-tuning setup freezing the backbone) keeps its flags in
+    the trunk and in every child 0, which hold the original weights; a re-initialised replica of it
+    holds random weights, useless if frozen, so its parameters are made trainable. Returns the
+    segment keys that were unfrozen (``describe()`` lists them).
+    """
+    if how == "copy":
+        return []
+    shared = {id(p) for p in segments[_key(())].parameters()}
+    unfrozen = []
+    for level in range(1, spec.num_levels + 1):
+        for path in spec.level_paths(level):
+            if path[-1] == 0:
+                shared.update(id(p) for p in segments[_key(path)].parameters())
+                continue
+            frozen = [p for p in segments[_key(path)].parameters() if not p.requires_grad and id(p) not in shared]
+            if frozen:
+                for p in frozen:
+                    p.requires_grad_(True)
+                unfrozen.append(_key(path))
+    return unfrozen
 
 
 def _warn_identical_replicas(segments: dict[str, fx.GraphModule], spec: Spec, how: str) -> None:
@@ -116,6 +160,8 @@ def _warn_identical_replicas(segments: dict[str, fx.GraphModule], spec: Spec, ho
             if path[-1] == 0:
                 continue
             mine, first = segments[_key(path)], segments[_key(path[:-1] + (0,))]
+            if any(p.is_meta for p in mine.parameters()):
+                return  # a model on the meta device has no values to compare
             theirs = dict(first.named_parameters())
             params = dict(mine.named_parameters())
             if params and params.keys() == theirs.keys() and all(

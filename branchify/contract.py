@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,13 @@ from .outputs import BranchedOutput, Targets
 
 if TYPE_CHECKING:
     from .spec import Spec
+
+
+def no_autocast(device: torch.device):
+    """Autocast switched off on ``device`` (a no-op where autocast does not exist, e.g. ``meta``)."""
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def _cast(out: BranchedOutput, dtype: torch.dtype) -> BranchedOutput:
@@ -115,6 +123,7 @@ class LeafModel(nn.Module, abc.ABC):
         ref = next(iter(self.parameters()), None)
         if ref is not None:
             aggregator.to(device=ref.device)
+        aggregator.train(self.training)  # an eval-mode model gets an eval-mode aggregator
         self.aggregator = aggregator
         return aggregator
 
@@ -127,8 +136,7 @@ class LeafModel(nn.Module, abc.ABC):
         """
         if self.aggregator is None:
             return replace(out, targets=Targets())
-        device_type = out.logits[0].device.type
-        with torch.autocast(device_type=device_type, enabled=False):
+        with no_autocast(out.logits[0].device):
             targets = self.aggregator(_cast(out, self.aggregator.compute_dtype))
         return replace(out, targets=targets)
 

@@ -92,6 +92,10 @@ def describe(model: "BranchedModel", *example_inputs: Any, **kwargs: Any) -> str
              f"replica init: {model.init_used}"]
     if getattr(model, "split_reason", None):
         lines.append(model.split_reason)
+    if getattr(model, "unfrozen", None):
+        lines.append(f"frozen in the original, trainable in these re-initialised replicas: {model.unfrozen}")
+    if getattr(model, "tied", None):
+        lines.append(f"shared across the cut (one tensor): {sorted(model.tied)}")
     lines.append("tree:")
     g = spec.graph()
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
@@ -17,16 +18,13 @@ from .surgery.batched import model_key as _key
 from .surgery.deepen import deepened_skeleton
 from .surgery.partition import REQUIRED
 from .surgery.runner import TreeLayout, run_tree
+from .surgery.widths import consumer_width
 
 
-def _input_width(m: nn.Module) -> int | None:
-    """Channels/features a layer reads, for the layer types that say so."""
-    for attr in ("in_channels", "in_features", "num_features", "embed_dim"):
-        if isinstance(getattr(m, attr, None), int):
-            return getattr(m, attr)
-    if isinstance(m, nn.LayerNorm):
-        return m.normalized_shape[-1]
-    return None
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor: a sharded DTensor (FSDP2's ``fully_shard``) is gathered first."""
+    full = getattr(t, "full_tensor", None)
+    return full() if callable(full) else t
 
 
 class _Store(nn.Module):
@@ -56,14 +54,17 @@ class BranchedModel(LeafModel):
     Attributes:
         layout: how values flow between the segments (:class:`~branchify.surgery.runner.TreeLayout`).
         model_inputs: the original forward's inputs as ``(node name, argument name, default)``.
-        tied: parameters the original model shares across a cut, with the levels that now hold copies.
+        tied: parameters the original model shares across a cut, with the levels that read them;
+            they stay one tensor (every later level reads the earliest level's on its path).
+        unfrozen: segments whose re-initialised parameters were frozen in the original and were
+            made trainable (a random replica must train to be of use).
     """
 
     def __init__(self, spec: Spec, segments: dict[str, fx.GraphModule], layout: TreeLayout,
                  model_inputs: list[tuple[str, str, Any]], skeleton: nn.Module,
                  nonpersistent: dict[str, torch.Tensor], unexecuted: dict[str, torch.Tensor], *,
                  init_used: str, final_linear_in: int | None, tied: dict[str, list[int]],
-                 batched: BatchedMode = "auto") -> None:
+                 unfrozen: list[str] | None = None, batched: BatchedMode = "auto") -> None:
         super().__init__()
         self.spec = spec
         self.segments = nn.ModuleDict(segments)
@@ -71,6 +72,7 @@ class BranchedModel(LeafModel):
         self.model_inputs = model_inputs
         self.init_used = init_used
         self.tied = tied
+        self.unfrozen = list(unfrozen or [])
         self.leaf_paths = list(layout.leaf_paths)
         self._final_linear_in = final_linear_in
         self._unexecuted = _Store(unexecuted)
@@ -123,17 +125,8 @@ class BranchedModel(LeafModel):
         if not children:
             raise ValueError(f"{path} is a leaf; cuts exist only at internal nodes {list(self.layout.children)}")
         child = children[0]
-        seg = self.segments[_key(child)]
         name = self.layout.cut_names[len(child)]
-        for n in seg.graph.nodes:
-            if n.op == "call_module" and any(a.name == name for a in n.all_input_nodes):
-                # The consumer may be a whole block (an HF layer traced as a leaf): its first
-                # sized layer tells the width it reads.
-                for m in seg.get_submodule(n.target).modules():
-                    width = _input_width(m)
-                    if width is not None:
-                        return width
-        return None
+        return consumer_width(self.segments[_key(child)], name) if name is not None else None
 
     # ------------------------------------------------------------------ forward
     def _bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -179,14 +172,17 @@ class BranchedModel(LeafModel):
         """The state_dict of one leaf under the original model's key names."""
         path = self._leaf_path(leaf)
         skeleton = self._export_skeleton(self.leaf_paths.index(path))
-        expected = skeleton.state_dict().keys()
-        sd: dict[str, torch.Tensor] = {}
+        expected_sd = skeleton.state_dict()
+        sd: dict[str, torch.Tensor] = OrderedDict()
         for depth in range(len(path) + 1):
             for k, v in self.segments[_key(path[:depth])].state_dict().items():
-                if k in expected and k not in sd:  # tied across a cut: the copy nearest the root wins
-                    sd[k] = v.detach().clone()
+                if k in expected_sd and k not in sd:  # a tensor shared across a cut: one copy is enough
+                    sd[k] = _full(v).detach().clone()
         for k, v in self._unexecuted.items():
             sd.setdefault(k, v.detach().clone())
+        sd = OrderedDict((k, sd[k]) for k in expected_sd if k in sd)  # the original's key order
+        # Per-module versions (mnasnet's _load_from_state_dict reads them) travel as metadata.
+        sd._metadata = getattr(expected_sd, "_metadata", None)  # type: ignore[attr-defined]
         return sd
 
     def _export_skeleton(self, leaf_idx: int) -> nn.Module:

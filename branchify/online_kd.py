@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .contract import LeafModel
+from .contract import LeafModel, no_autocast
 from .functional import cross_entropy, kl_div_logits, kl_div_mixture, valid_mask
 from .outputs import BranchedOutput, KDTerm, Targets, classifier_logits
 from .schedules import Constant, Schedule, as_schedule
@@ -252,7 +252,7 @@ class OnlineKD:
             check_labels(y, out.logits[0])
             if self._ramp_tensor.device != out.logits[0].device:
                 self._ramp_tensor = self._ramp_tensor.to(out.logits[0].device)
-        with torch.autocast(device_type=out.logits[0].device.type, enabled=False):
+        with no_autocast(out.logits[0].device):
             return self._loss(out, out.targets, y, inputs)
 
     def _loss(self, out: BranchedOutput, targets: Targets, y: torch.Tensor, inputs: Any) -> LossOutput:

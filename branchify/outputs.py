@@ -114,3 +114,27 @@ def classifier_logits(result: Any) -> torch.Tensor | None:
     if isinstance(result, (tuple, list)) and result and isinstance(result[0], torch.Tensor):
         return result[0]
     return None
+
+
+# ---------------------------------------------------------------------- pytrees
+# The output types are registered as pytrees, so torch.export / torch.compile / vmap see the
+# tensors inside them (``torch.export.export(branched_model, (x,))`` returns a BranchedOutput).
+def _register(cls: type, tensors: tuple[str, ...], context: tuple[str, ...]) -> None:
+    from torch.utils import _pytree as pytree
+
+    def flatten(obj):
+        return [getattr(obj, f) for f in tensors], tuple(getattr(obj, f) for f in context)
+
+    def flatten_with_keys(obj):
+        return [(pytree.GetAttrKey(f), getattr(obj, f)) for f in tensors], tuple(getattr(obj, f) for f in context)
+
+    def unflatten(values, ctx):
+        return cls(**dict(zip(tensors, values)), **dict(zip(context, ctx)))
+
+    pytree.register_pytree_node(cls, flatten, unflatten, flatten_with_keys_fn=flatten_with_keys,
+                                serialized_type_name=f"branchify.outputs.{cls.__name__}")
+
+
+_register(KDTerm, ("teacher", "student", "teacher_log_weights"), ("name", "weight", "detach"))
+_register(Targets, ("kd", "ce"), ())
+_register(BranchedOutput, ("logits", "features", "feature_maps", "cuts", "targets"), ("leaf_paths",))

@@ -52,7 +52,7 @@ class Partition:
     features_name: str | None
     feature_map_name: str | None
     final_linear: nn.Module | None
-    tied: dict[str, list[int]] = field(default_factory=dict)
+    tied: dict[str, dict[int, list[str]]] = field(default_factory=dict)  # see _tied_parameters
     unexecuted: list[str] = field(default_factory=list)
 
 
@@ -238,15 +238,14 @@ def partition(gm: fx.GraphModule, splits: list[str], feature_node: str | None = 
     return part
 
 
-def _tied_parameters(levels: list[fx.GraphModule]) -> dict[str, list[int]]:
-    """Parameter names used by more than one level (they become untied copies)."""
-    owners: dict[int, tuple[str, list[int]]] = {}
+def _tied_parameters(levels: list[fx.GraphModule]) -> dict[str, dict[int, list[str]]]:
+    """Parameters read by more than one level: first name -> {level: the names it has there}."""
+    owners: dict[int, tuple[str, dict[int, list[str]]]] = {}
     for lv, m in enumerate(levels):
         for name, p in m.named_parameters(remove_duplicate=False):
-            entry = owners.setdefault(id(p), (name, []))
-            if lv not in entry[1]:
-                entry[1].append(lv)
-    return {name: lvs for name, lvs in owners.values() if len(lvs) > 1}
+            entry = owners.setdefault(id(p), (name, {}))
+            entry[1].setdefault(lv, []).append(name)
+    return {name: names for name, names in owners.values() if len(names) > 1}
 
 
 def _unexecuted_keys(gm: fx.GraphModule, levels: list[fx.GraphModule]) -> list[str]:

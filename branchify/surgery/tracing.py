@@ -7,6 +7,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch.fx as fx
 from torch import nn
 
+from .training_mode import follow_training_mode
+
 
 class TraceError(RuntimeError):
     """torch.fx could not trace the model; the message names the module/function and the fix."""
@@ -67,7 +69,9 @@ def trace(model: nn.Module, tracer: fx.Tracer | None = None,
     """Symbolically trace ``model`` (not mutated) and return a GraphModule over it.
 
     The GraphModule shares submodules with ``model``. Nodes keep ``meta["nn_module_stack"]``
-    so every node can be mapped back to the module path it ran in.
+    so every node can be mapped back to the module path it ran in. Calls recorded with a constant
+    ``training`` argument read the module's training flag instead (see
+    :mod:`branchify.surgery.training_mode`).
 
     Raises:
         TraceError: naming the module being traced when it failed, the offending code line,
@@ -92,9 +96,8 @@ def trace(model: nn.Module, tracer: fx.Tracer | None = None,
             f"branchify.Tracer(autowrap_functions=[fn]); Hugging Face models use the coarse HF "
             f"tracer automatically"
         ) from exc
-    name = type(model).__name__
-    gm = fx.GraphModule(tracer.root, graph, name)
-    return gm
+    follow_training_mode(graph)  # training=self.training arguments follow .train()/.eval()
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
 def node_module_path(node: fx.Node) -> str:

@@ -121,24 +121,6 @@ def test_inplace_method_on_a_crossing_value_reads_a_clone():
     torch.testing.assert_close(out.logits[1], net(x))
 
 
-class Tied(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Linear(4, 4)
-        self.mid = nn.Linear(4, 4)
-        self.fc = nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.fc(self.emb(self.mid(self.emb(x))))
-
-
-def test_parameters_tied_across_a_cut_warn_that_they_become_untied():
-    with pytest.warns(UserWarning, match=r"tied across a cut become untied.*emb.weight"):
-        bm = bf.branchify(Tied(), Spec(splits=["mid"], fanout=[2]))
-    exported = bm.export()
-    assert isinstance(exported, Tied)
-
-
 def test_bad_leaf_index_and_bad_inputs():
     bm = bf.branchify(tvm.resnet18(num_classes=3), Spec(splits=["layer4"], fanout=[2]))
     with pytest.raises(IndexError, match="leaves 0..1"):

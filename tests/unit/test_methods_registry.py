@@ -72,7 +72,7 @@ def test_preset_templates(tiny_resnet):
     assert _build("tsa", net, alpha=0.2)[2]["kd_weight"] == 0.2
     assert _build("u_tsa", net)[0].fanout == [2, [3, 1]]
     spec, agg, kw = _build("ahbf", net)
-    assert isinstance(agg, HierarchicalTA) and agg.own_ta and kw["ramp"] == 1.0
+    assert isinstance(agg, HierarchicalTA) and agg.own_ta and agg.lambdas == (1.0, 1.0) and kw["ramp"] == 1.0
     assert spec.deepen == {"layer3": [0, 4, 8, 12]} and spec.deepen_init == "identity"
     assert _build("ahbf", torchvision.models.resnet18())[0].deepen == {"layer4": [0, 2, 4, 6]}
     spec, agg, kw = _build("dml", net)
