@@ -444,8 +444,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "run":
         seeds = args.seeds or [0, 1, 2, 3, 4]
         r = BENCHMARK_REGIME
-        jobs = [(r, m, "handwritten", s) for s in seeds for m in HAND_METHODS]
-        jobs += [(r, m, "branchify", s) for s in seeds for m in BRANCHIFY_METHODS]
+        # Seed-major, so an interrupted run has whole seeds (every method) on disk.
+        jobs = [(r, m, impl, s) for s in seeds
+                for impl, ms in (("handwritten", HAND_METHODS), ("branchify", BRANCHIFY_METHODS)) for m in ms]
         run_jobs(jobs, out, args.workers, args.data_root)
         title = f"CPU accuracy benchmark: {r.name}"
     elif args.command == "variants":
