@@ -14,6 +14,7 @@ Example:
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Callable
@@ -65,8 +66,16 @@ def _load_entry_points() -> None:
         return
     _ENTRY_POINTS_LOADED = True
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        plugin = ep.load()
-        if isinstance(plugin, Plugin) and all(p.name != plugin.name for p in _PLUGINS):
+        try:
+            plugin = ep.load()
+        except Exception as exc:  # a broken plugin must not break models it would not even match
+            warnings.warn(f"branchify plugin {ep.name!r} ({ep.value}) could not be loaded and is skipped: "
+                          f"{type(exc).__name__}: {exc}", stacklevel=3)
+            continue
+        if not isinstance(plugin, Plugin):
+            warnings.warn(f"branchify plugin entry point {ep.name!r} ({ep.value}) is a {type(plugin).__name__}, "
+                          f"not a branchify.registry.Plugin; skipped", stacklevel=3)
+        elif all(p.name != plugin.name for p in _PLUGINS):
             _PLUGINS.append(plugin)
 
 
