@@ -1,5 +1,9 @@
 """CPU accuracy benchmark: branchify's methods and hand-written trees, same recipe, same run.
 
+The regime, the recipe and the training loop live in :mod:`branchify.recipes.regime` (the README
+demo trains with them too); this module adds the hand-written trees, the job pool, the pilot grid
+and the summary.
+
 Online KD pays where a model overfits (little data, long schedules), so the regime decides
 everything. ``pilot`` trains the hand-written trees only (baseline, ONE, TSA, DML) over a grid of
 regimes (depth, input size, training-set size, epochs, augmentation) to find one where they
@@ -28,43 +32,22 @@ import math
 import multiprocessing as mp
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import machine_info
+from branchify.recipes.regime import BranchifyTrainee, Regime, parse_variant, train_run
+from branchify.recipes.regime import net_fn as regime_net_fn
 
 HAND_METHODS = ["baseline", "one", "tsa", "dml"]
 BRANCHIFY_METHODS = ["dml", "cl_ilr", "one", "okddip", "tsa", "u_tsa", "ahbf"]
 ALL_METHODS = ["baseline", "dml", "cl_ilr", "one", "okddip", "tsa", "u_tsa", "ahbf"]
 DEFAULT_OUT = "benchmarks/results/accuracy_cpu"
 PILOT_OUT = "benchmarks/results/pilot_cpu"
-
-
-@dataclass(frozen=True)
-class Regime:
-    """One training setting: model size, data, schedule. ``name`` labels its results folder."""
-
-    name: str
-    depth: int = 8                 # CIFAR ResNet depth 6n+2 (8: one block per stage)
-    image_size: int = 14           # 28 (Fashion-MNIST as is) or 14 (2x average-pooled)
-    train_size: int = 1000         # class-stratified subset drawn from the seed
-    epochs: int = 100
-    batch_size: int = 64
-    lr: float = 0.1                # OneCycle peak
-    weight_decay: float = 5e-4
-    pct_start: float = 0.15        # OneCycle warm-up fraction
-    augment: bool = True
-    eval_points: int = 4           # test evaluations spread over the run (the last one is reported)
-    method_args: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-method overrides
-
-    @property
-    def crop_padding(self) -> int:
-        return 2 if self.image_size >= 28 else 1
 
 
 PILOT_REGIMES = [  # in the order they ran; cost relative to the first row in the comments
@@ -81,31 +64,7 @@ BENCHMARK_REGIME = Regime("r14-14px-500-200ep", depth=14, train_size=500, epochs
                           method_args={"ahbf": {"aux": 1}})
 
 
-# ---------------------------------------------------------------------- data
-def load_data(regime: Regime, seed: int, root: str | None = None):
-    """``(train_loader, test_loader)`` for Fashion-MNIST at the regime's size, subset and seed."""
-    from branchify.recipes.data import DATASETS, TensorLoader, load_fashion_mnist
-
-    meta = DATASETS["fashion_mnist"]
-    x, y, xt, yt = load_fashion_mnist(root, regime.train_size, seed)
-    if regime.image_size != 28:
-        if 28 % regime.image_size:
-            raise ValueError(f"image_size={regime.image_size} must divide 28 (28 or 14)")
-        k = 28 // regime.image_size
-        x, xt = (F.avg_pool2d(t.float(), k).round().to(torch.uint8) for t in (x, xt))
-    train = TensorLoader(x, y, regime.batch_size, mean=meta.mean, std=meta.std, shuffle=True, seed=seed,
-                         augment=regime.augment, crop_padding=regime.crop_padding)
-    test = TensorLoader(xt, yt, 1000, mean=meta.mean, std=meta.std)
-    return train, test
-
-
 # ---------------------------------------------------------------------- models and losses
-def _net_fn(regime: Regime):
-    from branchify.recipes.zoo import CifarResNet
-
-    return lambda: CifarResNet(regime.depth, num_classes=10, in_channels=1)
-
-
 def _ramp(epoch: int, length: float) -> float:
     """The sigmoid ramp ``exp(-5 (1 - e/L)^2)`` (ONE's code), written out for the hand-written ONE."""
     if length <= 0 or epoch >= length:
@@ -113,13 +72,13 @@ def _ramp(epoch: int, length: float) -> float:
     return math.exp(-5.0 * (1.0 - epoch / length) ** 2)
 
 
-class _Hand:
-    """A hand-written tree with its loss: ``loss(x, y, epoch)`` and ``leaves(x)``."""
+class HandTrainee:
+    """A hand-written tree (``benchmarks/handwritten.py``) with its loss, trained like a branchify preset."""
 
     def __init__(self, method: str, regime: Regime) -> None:
         from benchmarks import handwritten as hw
 
-        net_fn = _net_fn(regime)
+        net_fn = regime_net_fn(regime)
         self.method, self.epochs = method, regime.epochs
         self.model: nn.Module = {
             "baseline": lambda: hw.HandBaseline(net_fn),
@@ -148,117 +107,11 @@ class _Hand:
         pass
 
 
-def parse_variant(label: str) -> tuple[str, dict[str, Any]]:
-    """``"ahbf:lambdas=[1,1]:aux=1"`` -> ``("ahbf", {"lambdas": [1, 1], "aux": 1})``: a preset and overrides.
-
-    Example:
-        >>> parse_variant("ahbf:lambdas=[1,1]:deepen_init=standard")
-        ('ahbf', {'lambdas': [1, 1], 'deepen_init': 'standard'})
-    """
-    import yaml
-
-    name, *pairs = label.split(":")
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"variant {label!r}: write overrides as key=value after the method, e.g. ahbf:aux=1")
-        overrides[key] = yaml.safe_load(value)
-    return name, overrides
-
-
-class _Branchified:
-    """A branchify preset around the same network: ``bf.method(name, net, model_fn=...)``; ``method``
-    may carry overrides (see :func:`parse_variant`), on top of the regime's per-method ones."""
-
-    def __init__(self, method: str, regime: Regime) -> None:
-        import branchify as bf
-
-        net_fn = _net_fn(regime)
-        name, overrides = parse_variant(method)
-        overrides = {**regime.method_args.get(name, {}), **overrides}
-        self.model, self.okd = bf.method(name, net_fn(), model_fn=net_fn, **overrides)
-        self.epochs = regime.epochs
-        self.target = self.model.spec.target
-
-    def loss(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor:
-        return self.okd(self.model(x), y).total
-
-    def leaves(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.model(x).logits
-
-    def set_epoch(self, epoch: int) -> None:
-        self.okd.set_epoch(epoch, self.epochs)
-
-
-@torch.no_grad()
-def evaluate(trainee, loader) -> dict[str, Any]:
-    """Target-leaf, ensemble (mean probabilities) and per-leaf accuracy (%) on a whole loader."""
-    trainee.model.eval()
-    hits, ens, n = None, 0, 0
-    for x, y in loader:
-        logits = trainee.leaves(x)
-        h = torch.stack([(z.argmax(-1) == y).sum() for z in logits])
-        hits = h if hits is None else hits + h
-        ens += int((torch.stack([z.softmax(-1) for z in logits]).mean(0).argmax(-1) == y).sum())
-        n += len(y)
-    trainee.model.train()
-    leaf = (hits.double() / n * 100).tolist()
-    return {"target_acc": leaf[trainee.target], "ensemble_acc": ens / n * 100, "leaf_accs": leaf}
-
-
-def train_run(regime: Regime, method: str, implementation: str, seed: int, *, data_root: str | None = None,
-              progress: bool = False) -> dict[str, Any]:
-    """Train one (regime, method, implementation, seed) and return its result record."""
-    train_loader, test_loader = load_data(regime, seed, data_root)
-    torch.manual_seed(seed)
-    trainee = (_Hand if implementation == "handwritten" else _Branchified)(method, regime)
-    params = [p for p in trainee.model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=regime.lr, momentum=0.9, nesterov=True, weight_decay=regime.weight_decay)
-    steps = len(train_loader)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=regime.lr, total_steps=regime.epochs * steps,
-                                                pct_start=regime.pct_start)
-    evals = {round(regime.epochs * (i + 1) / regime.eval_points) for i in range(regime.eval_points)}
-    bar = _bar(regime.epochs * steps, f"{implementation}/{method}/seed{seed}", progress)
-    history, t0, train_s = [], time.perf_counter(), 0.0
-    trainee.model.train()
-    for epoch in range(regime.epochs):
-        trainee.set_epoch(epoch)
-        t_epoch = time.perf_counter()
-        for x, y in train_loader:
-            loss = trainee.loss(x, y, epoch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{implementation} {method} seed {seed}: loss {float(loss)} at epoch {epoch}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-        train_s += time.perf_counter() - t_epoch
-        if epoch + 1 in evals:
-            metrics = evaluate(trainee, test_loader)
-            history.append({"epoch": epoch + 1, "loss": loss.item(), **metrics})
-            bar.set_postfix(acc=f"{metrics['target_acc']:.2f}")
-    bar.close()
-    final = history[-1]
-    return {"regime": regime.name, "method": method, "implementation": implementation, "seed": seed,
-            "target_acc": final["target_acc"], "ensemble_acc": final["ensemble_acc"],
-            "leaf_accs": final["leaf_accs"], "train_seconds": train_s,
-            "wall_seconds": time.perf_counter() - t0,
-            "trained_params": sum(p.numel() for p in params), "history": history,
-            "regime_config": asdict(regime)}
-
-
-def _bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        class _No:
-            def update(self, n): ...
-            def set_postfix(self, **kw): ...
-            def close(self): ...
-        return _No()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+def trainee_factory(method: str, implementation: str, regime: Regime):
+    """What :func:`train_run` builds for one job (after seeding)."""
+    if implementation == "handwritten":
+        return lambda: HandTrainee(method, regime)
+    return lambda: BranchifyTrainee(method, regime)
 
 
 # ---------------------------------------------------------------------- the pool
@@ -273,7 +126,8 @@ def _worker(job: tuple[dict, str, str, int, str, str | None]) -> str:
     regime = Regime(**regime_dict)
     path = run_path(Path(out), regime.name, implementation, method, seed)
     try:
-        rec = train_run(regime, method, implementation, seed, data_root=root)
+        rec = train_run(regime, trainee_factory(method, implementation, regime), seed, method=method,
+                        implementation=implementation, data_root=root)
     except Exception as exc:  # one failed run must not stop the others; it is retried on resume
         return f"FAILED {regime.name} {implementation} {method} seed {seed}: {type(exc).__name__}: {exc}"
     tmp = path.with_suffix(".tmp")

@@ -1,0 +1,208 @@
+"""A training *regime* for the CPU recipes: a model size, a data set size and a schedule, and the
+one training loop both the CPU accuracy benchmark and the README demo run.
+
+Recipe: SGD with Nesterov momentum 0.9, weight decay 5e-4, OneCycleLR to ``lr`` with 15% warm-up
+(torch's defaults otherwise, momentum cycling included), random crop + horizontal flip, fp32;
+Fashion-MNIST optionally downsampled 2x (14x14 costs a quarter of 28x28); a class-stratified
+training subset and a data order drawn from the seed; accuracy of the target leaf (what
+``export()`` deploys) and of the leaves' mean probabilities on the full 10,000-image test set.
+Anything that trains like a *trainee* (``model``, ``loss(x, y, epoch)``, ``leaves(x)``,
+``set_epoch(epoch)``, ``target``) can be trained with :func:`train_run` - branchify presets
+(:class:`BranchifyTrainee`) and ``benchmarks/handwritten.py``'s hand-written trees alike.
+
+Example:
+    >>> regime = Regime("tiny", depth=8, train_size=100, epochs=1)           # doctest: +SKIP
+    >>> train_run(regime, BranchifyTrainee("one", regime), seed=0)["target_acc"]   # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Regime:
+    """One training setting: model size, data, schedule. ``name`` labels its results folder."""
+
+    name: str
+    depth: int = 8                 # CIFAR ResNet depth 6n+2 (8: one block per stage)
+    image_size: int = 14           # 28 (Fashion-MNIST as is) or 14 (2x average-pooled)
+    train_size: int = 1000         # class-stratified subset drawn from the seed
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float = 0.1                # OneCycle peak
+    weight_decay: float = 5e-4
+    pct_start: float = 0.15        # OneCycle warm-up fraction
+    augment: bool = True
+    eval_points: int = 4           # test evaluations spread over the run (the last one is reported)
+    method_args: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-method overrides
+
+    @property
+    def crop_padding(self) -> int:
+        return 2 if self.image_size >= 28 else 1
+
+
+# ---------------------------------------------------------------------- data
+def load_data(regime: Regime, seed: int, root: str | None = None):
+    """``(train_loader, test_loader)`` for Fashion-MNIST at the regime's size, subset and seed."""
+    from branchify.recipes.data import DATASETS, TensorLoader, load_fashion_mnist
+
+    meta = DATASETS["fashion_mnist"]
+    x, y, xt, yt = load_fashion_mnist(root, regime.train_size, seed)
+    if regime.image_size != 28:
+        if 28 % regime.image_size:
+            raise ValueError(f"image_size={regime.image_size} must divide 28 (28 or 14)")
+        k = 28 // regime.image_size
+        x, xt = (F.avg_pool2d(t.float(), k).round().to(torch.uint8) for t in (x, xt))
+    train = TensorLoader(x, y, regime.batch_size, mean=meta.mean, std=meta.std, shuffle=True, seed=seed,
+                         augment=regime.augment, crop_padding=regime.crop_padding)
+    test = TensorLoader(xt, yt, 1000, mean=meta.mean, std=meta.std)
+    return train, test
+
+
+def net_fn(regime: Regime) -> Callable[[], nn.Module]:
+    """A factory of the regime's CIFAR ResNet (the architecture's own init)."""
+    from branchify.recipes.zoo import CifarResNet
+
+    return lambda: CifarResNet(regime.depth, num_classes=10, in_channels=1)
+
+
+def parse_variant(label: str) -> tuple[str, dict[str, Any]]:
+    """``"ahbf:lambdas=[1,1]:aux=1"`` -> ``("ahbf", {"lambdas": [1, 1], "aux": 1})``: a preset and overrides.
+
+    Example:
+        >>> parse_variant("ahbf:lambdas=[1,1]:deepen_init=standard")
+        ('ahbf', {'lambdas': [1, 1], 'deepen_init': 'standard'})
+    """
+    import yaml
+
+    name, *pairs = label.split(":")
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"variant {label!r}: write overrides as key=value after the method, e.g. ahbf:aux=1")
+        overrides[key] = yaml.safe_load(value)
+    return name, overrides
+
+
+class BranchifyTrainee:
+    """A branchify preset around the regime's network: ``bf.method(name, net, model_fn=...)``;
+    ``method`` may carry overrides (see :func:`parse_variant`) on top of the regime's per-method ones."""
+
+    def __init__(self, method: str, regime: Regime) -> None:
+        import branchify as bf
+
+        make = net_fn(regime)
+        name, overrides = parse_variant(method)
+        overrides = {**regime.method_args.get(name, {}), **overrides}
+        self.model, self.okd = bf.method(name, make(), model_fn=make, **overrides)
+        self.epochs = regime.epochs
+        self.target = self.model.spec.target
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor:
+        return self.okd(self.model(x), y).total
+
+    def leaves(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.model(x).logits
+
+    def set_epoch(self, epoch: int) -> None:
+        self.okd.set_epoch(epoch, self.epochs)
+
+class PlainTrainee:
+    """The plain network trained with cross-entropy: the baseline every method is compared with."""
+
+    def __init__(self, regime: Regime) -> None:
+        self.model = net_fn(regime)()
+        self.target = 0
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor:
+        return F.cross_entropy(self.model(x), y)
+
+    def leaves(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.model(x)]
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
+@torch.no_grad()
+def evaluate(trainee, loader) -> dict[str, Any]:
+    """Target-leaf, ensemble (mean probabilities) and per-leaf accuracy (%) on a whole loader."""
+    trainee.model.eval()
+    hits, ens, n = None, 0, 0
+    for x, y in loader:
+        logits = trainee.leaves(x)
+        h = torch.stack([(z.argmax(-1) == y).sum() for z in logits])
+        hits = h if hits is None else hits + h
+        ens += int((torch.stack([z.softmax(-1) for z in logits]).mean(0).argmax(-1) == y).sum())
+        n += len(y)
+    trainee.model.train()
+    leaf = (hits.double() / n * 100).tolist()
+    return {"target_acc": leaf[trainee.target], "ensemble_acc": ens / n * 100, "leaf_accs": leaf}
+
+
+def train_run(regime: Regime, make_trainee: Callable[[], Any], seed: int, *, method: str, implementation: str,
+              data_root: str | None = None, progress: Any = False) -> dict[str, Any]:
+    """Train one trainee (built by ``make_trainee()`` after seeding) and return its result record.
+
+    ``progress``: ``False``, ``True`` (a tqdm bar with ETA) or an int (that bar on terminal line
+    ``progress``, for runs in parallel processes).
+    """
+    train_loader, test_loader = load_data(regime, seed, data_root)
+    torch.manual_seed(seed)
+    trainee = make_trainee()
+    params = [p for p in trainee.model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=regime.lr, momentum=0.9, nesterov=True, weight_decay=regime.weight_decay)
+    steps = len(train_loader)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=regime.lr, total_steps=regime.epochs * steps,
+                                                pct_start=regime.pct_start)
+    evals = {round(regime.epochs * (i + 1) / regime.eval_points) for i in range(regime.eval_points)}
+    bar = _bar(regime.epochs * steps, f"{implementation}/{method}/seed{seed}", progress)
+    history, t0, train_s = [], time.perf_counter(), 0.0
+    trainee.model.train()
+    for epoch in range(regime.epochs):
+        trainee.set_epoch(epoch)
+        t_epoch = time.perf_counter()
+        for x, y in train_loader:
+            loss = trainee.loss(x, y, epoch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{implementation} {method} seed {seed}: loss {float(loss)} at epoch {epoch}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+        train_s += time.perf_counter() - t_epoch
+        if epoch + 1 in evals:
+            metrics = evaluate(trainee, test_loader)
+            history.append({"epoch": epoch + 1, "loss": loss.item(), **metrics})
+            bar.set_postfix(acc=f"{metrics['target_acc']:.2f}")
+    bar.close()
+    final = history[-1]
+    return {"regime": regime.name, "method": method, "implementation": implementation, "seed": seed,
+            "target_acc": final["target_acc"], "ensemble_acc": final["ensemble_acc"],
+            "leaf_accs": final["leaf_accs"], "train_seconds": train_s,
+            "wall_seconds": time.perf_counter() - t0,
+            "trained_params": sum(p.numel() for p in params), "history": history,
+            "regime_config": asdict(regime)}
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+    def set_postfix(self, **kw: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+def _bar(total: int, desc: str, progress: Any):
+    if progress is False or progress is None:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    position = None if progress is True else int(progress)
+    return tqdm(total=total, desc=desc, position=position, leave=True, dynamic_ncols=True, mininterval=1.0)
