@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import machine_info
-from branchify.recipes.regime import BranchifyTrainee, Regime, parse_variant, train_run
+from branchify.recipes.regime import CPU_REGIME, BranchifyTrainee, Regime, parse_variant, train_run
 from branchify.recipes.regime import net_fn as regime_net_fn
 
 HAND_METHODS = ["baseline", "one", "tsa", "dml"]
@@ -60,8 +60,7 @@ PILOT_REGIMES = [  # in the order they ran; cost relative to the first row in th
 ]
 
 # The regime the full benchmark runs (chosen from the pilot; see benchmarks/README.md).
-BENCHMARK_REGIME = Regime("r14-14px-500-200ep", depth=14, train_size=500, epochs=200,
-                          method_args={"ahbf": {"aux": 1}})
+BENCHMARK_REGIME = CPU_REGIME
 
 
 # ---------------------------------------------------------------------- models and losses

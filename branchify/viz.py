@@ -67,11 +67,13 @@ def draw_tree(spec: Spec, ax: Any = None, title: str | None = None) -> Any:
 
 
 def draw_trees(specs: dict[str, Spec], path: str | Path) -> Path:
-    """One panel per named spec, saved as a PNG."""
+    """One panel per named spec, saved as a PNG; the figure title says that red marks the deployed leaf."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(specs), figsize=(3.2 * len(specs), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(specs), figsize=(3.2 * len(specs), 3.5), squeeze=False)
     for ax, (name, spec) in zip(axes[0], specs.items()):
-        draw_tree(spec, ax, title=name)
+        draw_tree(spec, ax, title=f"{name}: {spec.num_leaves} " + ("leaves" if spec.num_leaves != 1 else "leaf"))
+    fig.suptitle("Branch trees trained by each method - red marks the deployed leaf (what export() returns)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -79,8 +81,10 @@ def draw_trees(specs: dict[str, Spec], path: str | Path) -> Path:
 
 
 def plot_curves(histories: dict[str, Sequence[Sequence[dict]]], path: str | Path,
-                key: str = "target_acc", ylabel: str = "test accuracy of the deployed model (%)") -> Path:
-    """Mean (and min-max band over seeds) of ``key`` per epoch, one line per method."""
+                key: str = "target_acc", ylabel: str = "test accuracy of the deployed model (%)",
+                title: str | None = None) -> Path:
+    """Mean (and min-max band over seeds) of ``key`` per epoch, one line per method; with few
+    evaluation points every point is marked and labelled with its value."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, runs in histories.items():
@@ -93,12 +97,17 @@ def plot_curves(histories: dict[str, Sequence[Sequence[dict]]], path: str | Path
             continue
         xs = sorted(per_epoch)
         mean = [sum(per_epoch[e]) / len(per_epoch[e]) for e in xs]
-        line, = ax.plot(xs, mean, marker="o" if len(xs) < 15 else None, ms=3, label=name)
+        line, = ax.plot(xs, mean, marker="o" if len(xs) < 15 else None, ms=4, label=name)
+        if len(xs) <= 6:  # few points: the values themselves are what a reader wants
+            ax.annotate(f"{mean[-1]:.2f}", (xs[-1], mean[-1]), textcoords="offset points", xytext=(4, 0),
+                        fontsize=7, color=line.get_color(), va="center")
         if any(len(per_epoch[e]) > 1 for e in xs):
             ax.fill_between(xs, [min(per_epoch[e]) for e in xs], [max(per_epoch[e]) for e in xs],
                             color=line.get_color(), alpha=0.15)
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -40,6 +40,7 @@ class Regime:
     pct_start: float = 0.15        # OneCycle warm-up fraction
     augment: bool = True
     eval_points: int = 4           # test evaluations spread over the run (the last one is reported)
+    test_size: int | None = None   # score the first N test images (None: all 10,000)
     method_args: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-method overrides
 
     @property
@@ -48,6 +49,12 @@ class Regime:
 
 
 # ---------------------------------------------------------------------- data
+CPU_REGIME = Regime("r14-14px-500-200ep", depth=14, train_size=500, epochs=200, method_args={"ahbf": {"aux": 1}})
+"""The regime the CPU benchmark measures every method in (chosen by its pilot, see benchmarks/README.md):
+a CIFAR ResNet-14 on 500 Fashion-MNIST images at 14x14 for 200 epochs, where the hand-written trees
+gained most per CPU second (AHBF deepens by one block per leaf, the network having two per stage)."""
+
+
 def load_data(regime: Regime, seed: int, root: str | None = None):
     """``(train_loader, test_loader)`` for Fashion-MNIST at the regime's size, subset and seed."""
     from branchify.recipes.data import DATASETS, TensorLoader, load_fashion_mnist
@@ -61,6 +68,8 @@ def load_data(regime: Regime, seed: int, root: str | None = None):
         x, xt = (F.avg_pool2d(t.float(), k).round().to(torch.uint8) for t in (x, xt))
     train = TensorLoader(x, y, regime.batch_size, mean=meta.mean, std=meta.std, shuffle=True, seed=seed,
                          augment=regime.augment, crop_padding=regime.crop_padding)
+    if regime.test_size is not None:
+        xt, yt = xt[: regime.test_size], yt[: regime.test_size]
     test = TensorLoader(xt, yt, 1000, mean=meta.mean, std=meta.std)
     return train, test
 

@@ -16,16 +16,32 @@ from fashion_mnist import needs_fashion_mnist as needs_data
 @needs_data
 def test_demo_smoke_writes_table_plots_and_a_strictly_reloadable_export(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert demo.main(["--smoke", "--out", str(out), "--device", "cpu"]) == 0
+    assert demo.main(["--smoke", "--out", str(out), "--workers", "2"]) == 0
     text = capsys.readouterr().out
-    for m in ("baseline", "dml", "one", "tsa"):
-        assert f"| {m} |" in text
-        assert (out / "exported" / f"{m}-seed0" / "model.safetensors").is_file()
-    for name in ("summary.md", "results.json", "log.jsonl", "accuracy.png", "trees.png"):
-        assert (out / name).stat().st_size > 0
+    assert text.splitlines()[0].startswith("Training 4 runs (smoke: ResNet-14") and "processes: about" in text
+    table = [line.split() for line in text.splitlines() if line.split()[:1] in (["baseline"], ["dml"], ["tsa"], ["one"])]
+    assert [row[0] for row in table] == ["baseline", "dml", "tsa", "one"]
+    assert "One seed shows" in text and "5-seed gain" in text
     results = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in results["summary"]] == ["baseline", "dml", "one", "tsa"]
-    assert "reloaded" in text and "strictly into CifarResNet" in text
+    runs = {r["method"]: r for r in results["runs"]}
+    for m in ("baseline", "dml", "tsa", "one"):
+        assert (out / "exported" / m / "model.safetensors").is_file()
+        assert runs[m]["export"]["class"] == "CifarResNet" and runs[m]["export"]["max_abs_diff_to_leaf"] < 1e-5
+        assert 0 < runs[m]["target_acc"] < 100 and f"{runs[m]['target_acc']:.2f}" in text
+    assert runs["tsa"]["spec"]["fanout"] == [2, 2] and runs["one"]["split_reason"].startswith("default split")
+    for name in ("summary.md", "accuracy.png", "trees.png"):
+        assert (out / name).stat().st_size > 0
+    assert "| baseline |" in (out / "summary.md").read_text()
+
+
+def test_demo_validates_methods_before_training(tmp_path):
+    from branchify.methods import MethodError
+
+    with pytest.raises(MethodError, match="did you mean 'one'"):
+        demo.main(["--methods", "baseline,onee", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="must start with baseline"):
+        demo.main(["--methods", "dml", "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())  # nothing was written, nothing trained
 
 
 def test_saved_target_reloads_into_the_original_class_and_reproduces_the_leaf(tmp_path):
