@@ -6,6 +6,7 @@ import torch
 
 from branchify.recipes.config import CONFIG_DIR, RunConfig
 from branchify.recipes.train import train
+from branchify.recipes.zoo import build_model
 
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
@@ -25,9 +26,16 @@ def test_config_runs_two_steps_on_fake_data(path):
     torch.manual_seed(0)
     res = train(smoke, progress=False)
     assert len(res.history) == 1 and res.history[0]["epoch"] == 1
-    assert 0.0 <= res.target_acc <= 100.0
+    n_test = 4 * 2  # fake_batches x batch_size images in the fake test set
+    for acc in (res.target_acc, *res.leaf_accs):  # accuracies are counts of correct test images
+        assert abs(acc * n_test / 100 - round(acc * n_test / 100)) < 1e-6
     n_leaves = len(res.leaf_accs)
     assert n_leaves == (1 if cfg.method == "baseline" else {"dml": 2, "one": 3, "cl_ilr": 3}.get(cfg.method, 4))
+    if cfg.method == "baseline":
+        assert res.trained_params == res.deployed_params
+    else:  # the tree trains more than it deploys; the deployed model is the original ResNet-32
+        plain = build_model("resnet32", 10 if cfg.dataset == "cifar10" else 100, 3)
+        assert res.trained_params > res.deployed_params == sum(p.numel() for p in plain.parameters())
 
 
 def test_unknown_config_keys_are_named(tmp_path):
