@@ -124,6 +124,8 @@ def _worker(job: tuple[dict, str, str, int, str, str | None]) -> str:
     torch.set_num_threads(1)
     regime = Regime(**regime_dict)
     path = run_path(Path(out), regime.name, implementation, method, seed)
+    if path.exists():  # finished meanwhile (another run of the benchmark, or copied in)
+        return f"{regime.name:24s} {implementation:11s} {method:8s} seed {seed}: already on disk"
     try:
         rec = train_run(regime, trainee_factory(method, implementation, regime), seed, method=method,
                         implementation=implementation, data_root=root)
