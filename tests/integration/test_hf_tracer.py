@@ -15,7 +15,7 @@ import branchify as bf
 pytest.importorskip("transformers")
 
 from branchify.integrations.hf import BranchedHFModel  # noqa: E402
-from branchify.integrations.hf_tracer import HFTracer, coarse_leaf_paths, default_input_names  # noqa: E402
+from branchify.integrations.hf import HFTracer, coarse_leaf_paths, default_input_names  # noqa: E402
 from branchify.online_kd import OnlineKD  # noqa: E402
 from hf_tiny_models import FAMILIES, SPLITS, make_batch, make_model  # noqa: E402
 
@@ -241,10 +241,11 @@ def test_import_branchify_without_transformers():
         "bm = bf.branchify(net, bf.Spec(splits=['2'], fanout=[2]))\n"
         "assert bm(torch.randn(2, 4)).num_leaves == 2\n"
         "assert 'transformers' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+        "import branchify.integrations.hf.plugin  # the entry point needs no transformers\n"
         "try:\n"
-        "    import branchify.integrations.hf\n"
+        "    from branchify.integrations.hf import branchify_hf\n"
         "except ImportError as e:\n"
-        "    assert 'pip install' in str(e), e\n"
+        "    assert \"pip install 'branchify[hf]'\" in str(e) and 'branchify_hf' in str(e), e\n"
         "else:\n"
         "    raise SystemExit('expected ImportError')\n"
         "print('ok')\n"
@@ -270,3 +271,121 @@ def test_bf_method_one_on_bert_sizes_the_gate_from_the_layer_after_the_cut():
     loss = okd(out, torch.randint(0, 3, (4,)))
     loss.total.backward()
     assert torch.isfinite(loss.total) and model.aggregator.fc.weight.grad is not None
+
+
+# ---------------------------------------------------------------------- trace constants and input checks
+def test_tensor_constants_move_to_the_traced_model():
+    """DeBERTa-v2 with log-bucketed relative attention creates tensors while tracing (fx's
+    _tensor_constant0...): they live on the GraphModule (following .to(), out of the state_dict),
+    not on the temporary wrapper, and the user's model gets no new attribute."""
+    from hf_tiny_models import make_zoo_batch, make_zoo_model
+
+    model = make_zoo_model("deberta_v2")
+    assert model.config.relative_attention and model.config.position_buckets > 0
+    before = set(vars(model))
+    gm = bf.trace(model, HFTracer())
+    constants = [n.target for n in gm.graph.nodes if n.op == "get_attr" and "tensor_constant" in str(n.target)]
+    assert constants and all(isinstance(getattr(gm, c), torch.Tensor) for c in constants)
+    assert set(gm.state_dict()) <= set(model.state_dict())
+    assert set(vars(model)) == before and not hasattr(model, constants[0])
+    batch = make_zoo_batch("deberta_v2", labels=False)
+    with torch.no_grad():
+        assert torch.allclose(gm(**batch), model(**batch).logits, atol=ATOL)
+
+
+def test_whisper_length_check_is_kept_as_a_run_time_assertion():
+    from hf_tiny_models import make_zoo_batch, make_zoo_model
+
+    model = make_zoo_model("whisper")
+    tracer = HFTracer()
+    gm = bf.trace(model, tracer)
+    assert [g.source for g in tracer.guards] == ["input_features.shape[-1] != expected_seq_length"]
+    assert sum(n.target is torch._assert for n in gm.graph.nodes) == 1
+    batch = make_zoo_batch("whisper", labels=False)
+    with torch.no_grad():
+        assert torch.allclose(gm(**batch), model(**batch).logits, atol=ATOL)
+    short = dict(batch, input_features=batch["input_features"][..., :-2])
+    with pytest.raises(ValueError, match="length 32"):
+        model(**short)
+    with pytest.raises(AssertionError, match=r"`input_features.shape\[-1\] != expected_seq_length` must be false "
+                                             r"\(WhisperEncoder.forward in modeling_whisper.py:\d+\)"):
+        gm(**short)
+    bm, _ = bf.method("one", model)  # the check survives the cut (it runs in the trunk)
+    with pytest.raises(AssertionError, match="input check failed"):
+        bm(**short)
+
+
+def _checked_model(check: str, tmp_path):
+    """A tiny HF model whose forward validates its input with ``check`` (source in a real file:
+    the tracer reads the check's source)."""
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    class CheckedConfig(PretrainedConfig):
+        model_type = "branchify-checked-test"
+
+    path = tmp_path / "checked_forward.py"
+    path.write_text("def forward(self, input_ids, attention_mask=None, **kwargs):\n"
+                    f"    {check}\n"
+                    "    return (self.head(self.embed(input_ids).mean(1)),)\n")
+    namespace: dict = {}
+    exec(compile(path.read_text(), str(path), "exec"), {}, namespace)
+
+    class Checked(PreTrainedModel):
+        config_class = CheckedConfig
+        forward = namespace["forward"]
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.embed = nn.Embedding(16, 8)
+            self.head = nn.Linear(8, 2)
+            self.post_init()
+
+    return Checked(CheckedConfig())
+
+
+@pytest.mark.parametrize("check, bad_length, asserts", [
+    ("if input_ids.shape[-1] > 6: raise ValueError('too long')", 7, 1),
+    ("if not input_ids.shape[-1] <= 6: raise ValueError('too long')", 7, 1),
+    ("assert input_ids.shape[-1] <= 6, 'too long'", 7, 1),
+    ("if input_ids.shape[-1] < 2 or input_ids.shape[-1] > 6: raise ValueError('bad length')", 1, 2),  # one each
+    ("if input_ids.shape[-1] <= 6:\n        pass\n    else:\n        raise ValueError('too long')", 7, 1),
+], ids=["if-raise", "if-not-raise", "assert", "or", "else-raise"])
+def test_input_checks_pass_when_tracing_and_run_at_run_time(check, bad_length, asserts, tmp_path):
+    """The check's non-raising branch is traced; the condition is asserted at run time."""
+    model = _checked_model(check, tmp_path).eval()
+    tracer = HFTracer(input_names=["input_ids"])
+    gm = bf.trace(model, tracer)
+    assert len(tracer.guards) == asserts == sum(n.target is torch._assert for n in gm.graph.nodes)
+    ids = torch.randint(0, 16, (2, 4))
+    assert torch.allclose(gm(ids), model(input_ids=ids)[0], atol=ATOL)
+    bad = torch.randint(0, 16, (2, bad_length))
+    with pytest.raises((ValueError, AssertionError)):
+        model(input_ids=bad)
+    with pytest.raises(AssertionError, match="input check failed"):
+        gm(bad)
+
+
+def test_control_flow_that_is_not_a_plain_check_still_fails_with_the_fix(tmp_path):
+    """``if a and b: raise`` is decided by both operands: not assumed, reported as before."""
+    model = _checked_model("if input_ids.shape[-1] > 6 and input_ids.shape[0] > 1: raise ValueError('x')",
+                           tmp_path)
+    with pytest.raises(bf.TraceError, match="control flow") as info:
+        bf.trace(model, HFTracer(input_names=["input_ids"]))
+    assert "HFTracer(" in str(info.value)
+
+
+def test_package_exports_and_entry_point():
+    """The public names resolve lazily from the package; the plugin is found through its entry point."""
+    from importlib.metadata import entry_points
+
+    import branchify.integrations.hf as hf
+    from branchify.integrations.hf import plugin, tracer, wrapper
+    from branchify.registry import plugin_for
+
+    assert hf.HFTracer is tracer.HFTracer and hf.BranchedHFModel is wrapper.BranchedHFModel
+    assert {n: getattr(hf, n) is not None for n in hf.__all__} == {n: True for n in hf.__all__}
+    with pytest.raises(AttributeError, match="has no attribute 'branchify_hff'; it exports"):
+        hf.branchify_hff
+    values = [ep.value for ep in entry_points(group="branchify.plugins") if ep.name == "transformers"]
+    assert values == ["branchify.integrations.hf.plugin:PLUGIN"]
+    assert plugin_for(make_model("bert")) is plugin.PLUGIN

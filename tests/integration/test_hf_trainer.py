@@ -178,3 +178,160 @@ def test_state_dict_is_safetensors_clean(tmp_path):
     fresh.load_state_dict(loaded)
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, sd[k]), k
+
+
+# ---------------------------------------------------------------------- one preset path
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def test_branchify_hf_sizes_the_gate_at_the_cut():
+    """Swin's stages widen 16 -> 32 -> 64: a cut before stage 1 feeds the gate 32 channels, not
+    config.hidden_size (64, the last stage's width)."""
+    from hf_tiny_models import make_zoo_batch, make_zoo_model
+
+    swin = make_zoo_model("swin")
+    assert swin.config.hidden_size == 64
+    model = _quiet(branchify_hf, swin, "one", split="swin.encoder.layers.1")
+    gate = model.branched.aggregator
+    assert gate.channels == gate.fc.in_features == model.branched.cut_channels(()) == 32
+    bm, _ = _quiet(bf.method, "one", make_zoo_model("swin"), split="swin.encoder.layers.1")
+    assert bm.aggregator.fc.in_features == 32
+    model.okd.set_epoch(0, 3)
+    out = model(**make_zoo_batch("swin"))
+    assert torch.isfinite(out.loss) and out.logits.shape == (2, 3)
+
+
+@pytest.mark.parametrize("method", ["one", "tsa", "okddip", "dml"])
+def test_branchify_hf_builds_what_bf_method_builds(method):
+    """Same spec, aggregator (with the same parameter shapes), loss settings and split reason."""
+    wrapped = _quiet(branchify_hf, make_model("bert"), method)
+    bm, okd = _quiet(bf.method, method, make_model("bert"))
+    assert wrapped.branched.spec.to_dict() == bm.spec.to_dict()
+    assert wrapped.branched.split_reason == bm.split_reason
+    assert type(wrapped.branched.aggregator) is type(bm.aggregator)
+    shapes = {k: v.shape for k, v in bm.aggregator.state_dict().items()}
+    assert {k: v.shape for k, v in wrapped.branched.aggregator.state_dict().items()} == shapes
+    for attr in ("temperature", "ce_weight", "kd_weight", "detach", "teacher_weight", "teacher_temperature"):
+        assert getattr(wrapped.okd, attr) == getattr(okd, attr), attr
+    wrapped.okd.set_epoch(1, 4)
+    okd.set_epoch(1, 4)
+    assert wrapped.okd.ramp_value() == okd.ramp_value()
+
+
+@pytest.mark.parametrize("method, bad", [
+    ("one", {"alpah": 0.3}),                                  # unknown option, with a suggestion
+    ("one", {"branches": 0}),                                 # invalid value
+    ("one", {"split": ["bert.encoder.layer.1", "bert.encoder.layer.2"]}),  # wrong number of splits
+    ("onee", {}),                                             # unknown method
+], ids=["unknown-option", "bad-value", "split-count", "unknown-method"])
+def test_branchify_hf_errors_are_bf_methods(method, bad):
+    from branchify.methods import MethodError
+
+    with pytest.raises(MethodError) as expected:
+        bf.method(method, make_model("bert"), **bad)
+    with pytest.raises(MethodError) as got:
+        branchify_hf(make_model("bert"), method, **bad)
+    assert str(got.value) == str(expected.value)
+
+
+def test_branchify_hf_builds_a_newly_registered_preset(monkeypatch):
+    """No preset names are hard-coded: a preset registered later works, defaults and all."""
+    from branchify.methods import get_preset, registry
+
+    one = get_preset("one")
+    monkeypatch.setitem(registry._REGISTRY, "one_five",
+                        registry.Preset("one_five", "ONE, 5 leaves", {**one.defaults, "branches": 5}, one.build))
+    model = _quiet(branchify_hf, make_model("bert"), "one_five", temperature=2.0)
+    assert model.branched.num_leaves == 5 and model.branched.spec.splits == ["bert.encoder.layer.2"]
+    assert model.okd.temperature == 2.0 and model.branched.aggregator.fc.out_features == 5
+
+
+def test_encoder_decoder_default_split_is_in_the_decoder():
+    """The generic rule ties the equal encoder / decoder stacks and takes the encoder; branchify_hf
+    cuts the decoder (see default_hf_splits)."""
+    from hf_tiny_models import make_zoo_model
+
+    bm, _ = _quiet(bf.method, "tsa", make_zoo_model("t5"))
+    assert bm.spec.splits == ["encoder.block.1", "encoder.block.2"]
+    model = _quiet(branchify_hf, make_zoo_model("t5"), "tsa")
+    assert model.branched.spec.splits == ["decoder.block.1", "decoder.block.2"]
+    assert model.branched.split_reason.startswith("default split ['decoder.block.1', 'decoder.block.2']: the "
+                                                  "decoder stack")
+    assert default_hf_splits(make_zoo_model("t5"), 1) == ["decoder.block.2"]
+    assert default_hf_splits(make_zoo_model("bert"), 1) == ["bert.encoder.layer.2"]  # the generic rule
+
+
+# ---------------------------------------------------------------------- loss parts across ranks
+def _rank_batches(rank: int) -> list[dict[str, torch.Tensor]]:
+    """Rank 0 runs one forward, rank 1 two: the logged mean is over forwards, not over rank means."""
+    return [make_batch("bert", seed=10 + 10 * rank + i) for i in range(rank + 1)]
+
+
+def _parts_worker(rank: int, port: int, out: str, model: BranchedHFModel) -> None:
+    import datetime
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    model.train()
+    for batch in _rank_batches(rank):
+        model(**batch)
+    state = transformers.TrainerState()
+    state.global_step = 1
+    state.log_history = [{"loss": 0.5, "step": 1}]
+    logs = {"loss": 0.5}
+    BranchifyCallback().on_log(None, state, None, logs=logs, model=model)
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"logs": logs, "history": state.log_history[-1]}, f)
+    torch.distributed.destroy_process_group()
+
+
+def test_logged_loss_parts_are_the_mean_over_ranks(tmp_path):
+    """Two gloo ranks: every rank logs the mean of each loss part over all ranks' forwards."""
+    import socket
+    import sys
+    import time
+
+    mp = pytest.importorskip("torch.multiprocessing")
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    model = _wrap("bert")
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0  # deterministic forwards: the expected parts are recomputed here
+    model.okd.set_epoch(1, 2)
+    model.train()
+    parts = []
+    with torch.no_grad():
+        for rank in (0, 1):
+            for batch in _rank_batches(rank):
+                labels = batch.pop("labels")
+                parts.append(model.compute_loss(model.branched_output(**batch)[0], labels).parts)
+    expected = {k: sum(float(p[k]) for p in parts) / len(parts) for k in parts[0]}
+    assert model.pop_logged_parts() == {}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    method = "fork" if sys.platform.startswith("linux") else "spawn"  # fork: no re-import per rank
+    ctx = mp.start_processes(_parts_worker, args=(port, str(tmp_path), model), nprocs=2, join=False,
+                             start_method=method)
+    deadline = time.monotonic() + 60
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the 2-rank gloo job did not finish within 60 s")
+    for rank in (0, 1):
+        saved = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        logged = {k[len("okd/"):]: v for k, v in saved["logs"].items() if k.startswith("okd/")}
+        assert set(logged) == set(expected)
+        for k, v in expected.items():
+            assert logged[k] == pytest.approx(v, abs=2e-6), k
+        assert saved["history"]["okd/loss/kd"] == saved["logs"]["okd/loss/kd"]
+    # The check is sensitive: rank 0's own parts, and the mean of the two ranks' means, are farther off.
+    rank_means = {k: (float(parts[0][k]) + (float(parts[1][k]) + float(parts[2][k])) / 2) / 2 for k in expected}
+    assert max(abs(float(parts[0][k]) - v) for k, v in expected.items()) > 5e-4
+    assert max(abs(rank_means[k] - v) for k, v in expected.items()) > 1e-4

@@ -2,12 +2,22 @@
 
 Importing this module imports nothing from transformers: a model is recognised by the names in
 its class hierarchy, and the coarse tracer is imported only when such a model is traced.
+
+Example:
+    >>> from branchify.registry import plugin_for
+    >>> plugin_for(bert_classifier).name                           # doctest: +SKIP
+    'transformers'
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from branchify.registry import Plugin
+
+if TYPE_CHECKING:
+    from .tracer import HFTracer
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -21,10 +31,11 @@ def is_hf_model(model: nn.Module) -> bool:
                for c in type(model).__mro__)
 
 
-def _tracer(model: nn.Module):
-    from .hf_tracer import coarse_tracer_for
+def _tracer(model: nn.Module) -> "HFTracer":
+    from .tracer import coarse_tracer_for
 
     return coarse_tracer_for(model)
 
 
 PLUGIN = Plugin("transformers", matches=is_hf_model, tracer=_tracer, init="hf")
+"""The ``branchify.plugins`` entry point ``transformers`` (see ``pyproject.toml``)."""
