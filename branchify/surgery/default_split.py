@@ -1,7 +1,8 @@
 """Where to cut a model when the user does not say: a rule stated once, for every model.
 
 **The rule.** The model is traced (on a copy) and its *body* is found: the shallowest module whose
-direct children include at least three modules of one class that all run - the stages of a ResNet
+direct children include at least three modules of one class that each run as themselves and
+hold parameters - the stages of a ResNet
 or RegNet (``layer1..layer4``), the blocks of a MobileNet or EfficientNet (``features.*``), the
 layers of a ViT or BERT (``encoder.layer.*``). Among such groups (at that depth) the one doing the
 most work wins, counted as the traced modules inside it (so a VGG's convolutions win over its three
@@ -66,9 +67,13 @@ def _ops(path: str, executed: list[str]) -> int:
 def _group(children: list[tuple[str, nn.Module]], executed: list[str]) -> tuple[list[str], int]:
     """The same-class children (at least 3) that do the most work, in execution order, and that
     work; ``([], 0)`` if no class repeats three times."""
+    runs_itself = set(executed)
     by_class: dict[type, list[tuple[str, nn.Module]]] = {}
     for path, m in children:
-        by_class.setdefault(type(m), []).append((path, m))
+        # A block is a cut point: it must run as itself (a ModuleList or ModuleDict of stages
+        # never does) and do real work (three nn.Identity placeholders are no body).
+        if path in runs_itself and any(True for _ in m.parameters()):
+            by_class.setdefault(type(m), []).append((path, m))
     groups = [(g, sum(_ops(p, executed) for p, _ in g)) for g in by_class.values() if len(g) >= 3]
     if not groups:
         return [], 0
