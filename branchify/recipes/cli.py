@@ -3,26 +3,36 @@
     python -m branchify.recipes.cli --config cifar100_resnet32_one
     python -m branchify.recipes.cli --dataset fashion_mnist --model resnet32 --methods baseline,dml,one,tsa \\
         --seeds 0,1,2 --epochs 60 --subset 5000 --out runs/fmnist5k
+    python -m branchify.recipes.cli --resume runs/fmnist5k          # continue a killed run
+    python -m branchify.recipes.cli --nproc 2 --methods one ...     # data parallel (DDP), see ddp.py
 
-Writes into ``--out``: ``log.jsonl`` (one line per evaluated epoch and run), ``results.json``
-(every run plus the summary with machine info), ``summary.md`` (the table), ``accuracy.png``
-(curves per method), ``trees.png`` (each method's tree) and ``exported/<method>-seed<k>/``
-(the deployed model, safetensors, reloadable into the original class).
+Writes into ``--out`` (see :mod:`branchify.recipes.rundir`): ``run.json`` (the plan),
+``log.jsonl`` (one line per epoch and run, appended), ``checkpoints/<method>-seed<k>.pt``
+(after every evaluation), ``results.json`` and ``summary.md`` (rewritten as each run finishes),
+``accuracy.png`` (curves per method), ``trees.png`` (each method's tree) and
+``exported/<method>-seed<k>/`` (the deployed model, safetensors, reloadable into the original
+class). Every method, model and option is checked before anything trains; a folder that already
+holds a run is refused (continue it with ``--resume DIR`` or pick a fresh ``--out``).
 """
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import ddp
+from .checkpoint import CheckpointError, checkpoint_path
 from .config import RunConfig
+from .preflight import PreflightError, validate_run
+from .rundir import (Results, RunDirError, RunPlan, append_log, check_fresh, check_resumable, format_table,
+                     machine, prepare, read_plan, summarise)
 from .train import RunResult, resolve_device, train
+
+__all__ = ["config_from_args", "format_table", "machine", "main", "parse_args", "run_comparison", "summarise"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,13 +57,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="any RunConfig field or method_args.NAME (YAML value), repeatable")
     p.add_argument("--out", default=None, help="output directory (default runs/<dataset>-<model>)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its checkpoints (its run.json gives the config; finished "
+                        "runs are not retrained); flags may change only device and data_root")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="train data-parallel (DDP) on N local processes: re-launches under torchrun "
+                        "(gloo on CPU, nccl on CUDA); --batch-size is the global batch")
+    p.add_argument("--threads", type=int, help="torch CPU threads per process (torch.set_num_threads)")
+    p.add_argument("--no-plots", action="store_true", help="skip accuracy.png and trees.png (no matplotlib)")
     return p.parse_args(argv)
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
+def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
+    """``base`` (or ``--config``, or the defaults) with the flags and ``--set`` items applied."""
     import yaml
 
-    cfg = RunConfig.from_yaml(args.config) if args.config else RunConfig()
+    cfg = base if base is not None else RunConfig.from_yaml(args.config) if args.config else RunConfig()
     flags = {"model": args.model, "dataset": args.dataset, "epochs": args.epochs,
              "batch_size": args.batch_size, "lr": args.lr, "lr_schedule": args.lr_schedule,
              "train_subset": args.subset, "device": args.device, "amp": args.amp,
@@ -63,7 +82,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     method_args = dict(cfg.method_args)
     for item in args.set:
         if "=" not in item:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+            raise ValueError(f"--set expects KEY=VALUE (e.g. --set fake_batches=2), got {item!r}")
         key, value = item.split("=", 1)
         if key.startswith("method_args."):
             method_args[key.split(".", 1)[1]] = yaml.safe_load(value)
@@ -73,100 +92,59 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return cfg.replace(**changes)
 
 
-def summarise(results: list[RunResult]) -> list[dict[str, Any]]:
-    """Mean +- std over seeds per method (population std of the seeds' final accuracies)."""
-    rows = []
-    methods = list(dict.fromkeys(r.config["method"] for r in results))
-    for m in methods:
-        rs = [r for r in results if r.config["method"] == m]
-
-        def ms(values: list[float]) -> tuple[float, float]:
-            return statistics.mean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
-
-        t_mean, t_std = ms([r.target_acc for r in rs])
-        e_mean, e_std = ms([r.ensemble_acc for r in rs])
-        rows.append({"method": m, "seeds": len(rs), "target_acc": t_mean, "target_std": t_std,
-                     "ensemble_acc": e_mean, "ensemble_std": e_std,
-                     "diversity": statistics.mean(r.diversity for r in rs),
-                     "deployed_params": rs[0].deployed_params, "trained_params": rs[0].trained_params,
-                     "train_seconds": statistics.mean(r.train_seconds for r in rs)})
-    base = next((r for r in rows if r["method"] == "baseline"), None)
-    for r in rows:
-        r["vs_baseline"] = r["target_acc"] - base["target_acc"] if base else None
-    return rows
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    head = ("| method | target acc (%) | vs baseline | ensemble acc (%) | peer diversity | "
-            "deployed params | trained params | train time (s) |")
-    lines = [head, "|" + "---|" * 8]
-    for r in rows:
-        vs = "" if r["vs_baseline"] is None or r["method"] == "baseline" else f"{r['vs_baseline']:+.2f}"
-
-        def acc(mean: float, std: float) -> str:  # no spread is shown when one seed measured none
-            return f"{mean:.2f} ± {std:.2f}" if r["seeds"] > 1 else f"{mean:.2f}"
-
-        lines.append(f"| {r['method']} | {acc(r['target_acc'], r['target_std'])} | {vs} | "
-                     f"{acc(r['ensemble_acc'], r['ensemble_std'])} | {r['diversity']:.3f} | "
-                     f"{r['deployed_params'] / 1e6:.3f}M | {r['trained_params'] / 1e6:.3f}M | "
-                     f"{r['train_seconds']:.0f} |")
-    return "\n".join(lines)
-
-
-def machine() -> dict[str, Any]:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "cpu_count": __import__("os").cpu_count()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
 def run_comparison(base: RunConfig, methods: list[str], seeds: list[int], out: str | Path,
-                   progress: bool = True) -> tuple[list[RunResult], list[dict[str, Any]]]:
-    """Train every method x seed on the same data/schedule; write log, results, table, plots."""
-    from branchify.viz import draw_trees, plot_curves
+                   progress: bool = True, *, resume: bool = False,
+                   plots: bool = True) -> tuple[list[RunResult], list[dict[str, Any]]]:
+    """Train every method x seed on the same data/schedule; write log, results, table, plots.
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "log.jsonl"
-    log_path.write_text("")
+    Everything is validated first (:func:`~branchify.recipes.preflight.validate_run`); ``out``
+    must not hold a run unless ``resume`` (then finished runs are read back from their final
+    checkpoints and unfinished ones continue). ``results.json``/``summary.md`` are rewritten
+    after every finished run; ``plots=False`` skips ``accuracy.png``/``trees.png``. Under torchrun every rank calls this; rank 0 writes and prints.
 
-    def log(record: dict) -> None:
-        with log_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    results: list[RunResult] = []
-    specs: dict[str, Any] = {}
+    Example:
+        >>> run_comparison(RunConfig(fake_data=True, epochs=1), ["baseline", "one"], [0], "runs/smoke")  # doctest: +SKIP
+    """
+    methods = validate_run(base, methods, seeds)
+    plan = RunPlan(base, methods, seeds)
+    out = ddp.on_main(lambda: prepare(out, plan, resume))
+    main_rank = ddp.is_main()
+    results = Results(out, _header(base, seeds), world_size=ddp.rank_world()[1])
     for m in methods:
         for s in seeds:
             cfg = base.replace(method=m, seed=s)
-            res = train(cfg, progress=progress, log=log, export_dir=out / "exported" / f"{m}-seed{s}")
-            results.append(res)
-            acc = f"target {res.target_acc:.2f}%  ensemble {res.ensemble_acc:.2f}%"
-            print(f"[{m} seed {s}] {acc}  ({res.train_seconds:.0f}s)", flush=True)
-    rows = summarise(results)
-    table = format_table(rows)
+            res = train(cfg, progress=progress, log=lambda record: append_log(out, record),
+                        export_dir=out / "exported" / f"{m}-seed{s}", checkpoint=checkpoint_path(out, m, s),
+                        resume=resume)
+            if main_rank:
+                results.add(res)
+                acc = f"target {res.target_acc:.2f}%  ensemble {res.ensemble_acc:.2f}%"
+                again = f", resumed after epoch {res.resumed_from_epoch}" if res.resumed_from_epoch else ""
+                print(f"[{m} seed {s}] {acc}  ({res.train_seconds:.0f}s{again})", flush=True)
+    rows = summarise(results.runs)
+    specs: dict[str, Any] = {}
+    if main_rank and plots:
+        from branchify.viz import draw_trees, plot_curves
+
+        histories = {m: [r.history for r in results.runs if r.config["method"] == m] for m in methods}
+        plot_curves(histories, out / "accuracy.png")
+        specs = {m: _spec_of(m, base) for m in methods if m != "baseline"}
+        if specs:
+            draw_trees(specs, out / "trees.png")
+    if main_rank:
+        print("\n" + results.header + "\n\n" + format_table(rows))
+        print(f"\nwrote {out}/summary.md, results.json, log.jsonl, checkpoints/" + (", accuracy.png" if plots else "")
+              + (", trees.png" if specs else "") + ", exported/<method>-seed<k>/")
+    return results.runs, rows
+
+
+def _header(base: RunConfig, seeds: list[int]) -> str:
     device = str(resolve_device(base.device))
     test = f"first {base.test_subset} test images" if base.test_subset else "full test set"
-    header = (f"{base.dataset} ({'subset ' + str(base.train_subset) if base.train_subset else 'full'} train, "
-              f"{test}), {base.model}, {base.epochs} epochs, {base.lr_schedule} LR, seeds {seeds}, "
-              f"device {device}")
-    (out / "summary.md").write_text(header + "\n\n" + table + "\n")
-    (out / "results.json").write_text(json.dumps(
-        {"header": header, "machine": machine(), "summary": rows, "runs": [r.to_dict() for r in results]},
-        indent=2, default=str))
-    histories = {m: [r.history for r in results if r.config["method"] == m] for m in methods}
-    plot_curves(histories, out / "accuracy.png")
-    for m in methods:
-        if m != "baseline":
-            specs[m] = _spec_of(m, base)
-    if specs:
-        draw_trees(specs, out / "trees.png")
-    print("\n" + header + "\n\n" + table)
-    print(f"\nwrote {out}/summary.md, results.json, log.jsonl, accuracy.png"
-          + (", trees.png" if specs else "") + f", exported/<method>-seed<k>/")
-    return results, rows
-
+    world = ddp.rank_world()[1]
+    return (f"{base.dataset} ({'subset ' + str(base.train_subset) if base.train_subset else 'full'} train, "
+            f"{test}), {base.model}, {base.epochs} epochs, {base.lr_schedule} LR, seeds {seeds}, "
+            f"device {device}" + (f" x {world} processes (DDP)" if world > 1 else ""))
 
 def _spec_of(method: str, cfg: RunConfig):
     """The tree a method builds for this config (built on a throwaway model)."""
@@ -181,13 +159,67 @@ def _spec_of(method: str, cfg: RunConfig):
     return model.spec
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def plan_from_args(args: argparse.Namespace) -> tuple[RunPlan, Path, bool]:
+    """(plan, run directory, resume?) from the parsed flags; ``--resume`` starts from ``run.json``."""
+    def items(text: str | None) -> list[str] | None:
+        return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+    def as_seeds(text: str | None) -> list[int] | None:
+        try:
+            return [int(t) for t in items(text)] if text else None
+        except ValueError:
+            raise ValueError(f"--seeds expects comma-separated integers, e.g. 0,1,2; got {text!r}") from None
+
+    if args.resume:
+        if args.config:
+            raise RunDirError(f"--resume reads the config from {args.resume}/run.json; drop --config {args.config}")
+        if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+            raise RunDirError(f"--out {args.out} and --resume {args.resume} differ; a resumed run writes into "
+                              f"its own folder, so drop --out")
+        stored = read_plan(args.resume)
+        cfg = config_from_args(args, base=stored.config)
+        return (RunPlan(cfg, items(args.methods) or stored.methods, as_seeds(args.seeds) or stored.seeds),
+                Path(args.resume), True)
     cfg = config_from_args(args)
-    methods = args.methods.split(",") if args.methods else [cfg.method]
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [cfg.seed]
-    out = args.out or f"runs/{cfg.dataset}-{cfg.model}"
-    run_comparison(cfg, methods, seeds, out, progress=not args.no_progress and sys.stderr.isatty())
+    out = Path(args.out or f"runs/{cfg.dataset}-{cfg.model}")
+    return RunPlan(cfg, items(args.methods) or [cfg.method], as_seeds(args.seeds) or [cfg.seed]), out, False
+
+
+def _fail(exc: BaseException) -> int:
+    print(f"branchify-train: error: {exc}", file=sys.stderr, flush=True)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``branchify-train``: 0 on success, 2 (with the reason on stderr) for a bad setup or checkpoint."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        plan, out, resume = plan_from_args(args)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if args.nproc > 1 and not ddp.launched_by_torchrun():
+            validate_run(plan.config, plan.methods, plan.seeds)  # fail here, not once per rank
+            if resume:
+                check_resumable(out, plan)
+            else:
+                check_fresh(out)
+            return ddp.launch(argv, args.nproc)
+        if args.nproc > 1 and world != args.nproc:
+            raise ValueError(f"--nproc {args.nproc} but torchrun started {world} processes; drop --nproc under "
+                             f"torchrun (its --nproc_per_node decides)")
+    except (ValueError, FileNotFoundError) as exc:  # flags, config files, names, run directory
+        return _fail(exc)
+    try:
+        ddp.setup(plan.config.device)
+        progress = not args.no_progress and sys.stderr.isatty()
+        run_comparison(plan.config, plan.methods, plan.seeds, out, progress=progress, resume=resume,
+                       plots=not args.no_plots)
+    except (PreflightError, RunDirError, CheckpointError, ddp.RankFailed) as exc:
+        return _fail(exc)
+    finally:
+        ddp.shutdown()
     return 0
 
 

@@ -1,6 +1,7 @@
 """Run configuration for the recipes: one dataclass, loadable from YAML or command-line flags."""
 from __future__ import annotations
 
+import difflib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -43,14 +44,21 @@ class RunConfig:
     fake_data: bool = False              # random data with the dataset's shapes (smoke tests)
     fake_batches: int = 2
     max_steps: int | None = None         # stop each epoch early (smoke tests)
-    eval_every: int = 1                  # evaluate every N epochs (and always after the last)
+    eval_every: int = 1                  # evaluate every N epochs (and always after the last); checkpoints too
+    freeze_bn: bool = False              # BatchNorm in eval mode while training (exact data-parallel equality)
     out_dir: str = "runs/latest"
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("cosine", "step"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'step', got {self.lr_schedule!r}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        for name in ("epochs", "batch_size", "eval_every", "fake_batches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("max_steps", "train_subset", "test_subset"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,7 +68,9 @@ class RunConfig:
         valid = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - valid)
         if unknown:
-            raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(valid)}")
+            hints = "".join(f" ({u!r}: did you mean {close[0]!r}?)" for u in unknown
+                            if (close := difflib.get_close_matches(u, sorted(valid), n=1, cutoff=0.6)))
+            raise ValueError(f"unknown config keys {unknown}{hints}; valid keys: {sorted(valid)}")
         return cls(**data)
 
     @classmethod

@@ -22,6 +22,8 @@ from torch import nn
 import branchify as bf
 from branchify.metrics import peer_diversity
 
+from . import ddp
+from .checkpoint import CheckpointError, TrainState, load_checkpoint, restore, save_checkpoint
 from .config import RunConfig
 from .data import fake_loaders, make_loaders
 from .zoo import build_model
@@ -39,6 +41,7 @@ class RunResult:
     train_seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
     exported_path: str | None = None
+    resumed_from_epoch: int = 0  # epochs a checkpoint had done when this run (last) started
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -103,23 +106,23 @@ def _autocast(device: torch.device, amp: bool):
 
 
 def train(cfg: RunConfig, *, progress: bool = True, log: Callable[[dict], None] | None = None,
-          export_dir: str | Path | None = None) -> RunResult:
+          export_dir: str | Path | None = None, checkpoint: str | Path | None = None,
+          resume: bool = False) -> RunResult:
     """Train ``cfg`` and evaluate it; optionally save the exported target with safetensors.
+
+    ``checkpoint``: a file (see :mod:`branchify.recipes.checkpoint`) written atomically after
+    every evaluation. If it exists, ``resume=True`` continues from it (bitwise like an
+    uninterrupted run on the CPU; a finished run returns at once) and ``resume=False`` raises
+    :class:`CheckpointError` rather than overwriting it. Under ``torchrun`` the model trains
+    with DDP (see :mod:`branchify.recipes.ddp`); rank 0 evaluates, logs and writes the files.
 
     Example:
         >>> res = train(RunConfig(method="one", epochs=1, train_subset=500))   # doctest: +SKIP
         >>> round(res.target_acc, 1)                                            # doctest: +SKIP
+        >>> res = train(cfg, checkpoint="runs/x/one.pt", resume=True)          # doctest: +SKIP
     """
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    if cfg.fake_data:
-        train_loader, test_loader, meta = fake_loaders(cfg.dataset, cfg.batch_size, cfg.fake_batches,
-                                                       device, cfg.seed, channels_last=cfg.channels_last)
-    else:
-        train_loader, test_loader, meta = make_loaders(
-            cfg.dataset, cfg.batch_size, device, train_subset=cfg.train_subset, seed=cfg.seed,
-            augment=cfg.augment, root=cfg.data_root, eval_batch_size=max(cfg.batch_size, 512),
-            channels_last=cfg.channels_last)
+    device = ddp.train_device(resolve_device(cfg.device))
+    train_loader, test_loader, meta = _loaders(cfg, device)
     torch.manual_seed(cfg.seed)
     model, okd, deployable = build(cfg, meta.num_classes, meta.in_channels)
     model = model.to(device)
@@ -130,46 +133,114 @@ def train(cfg: RunConfig, *, progress: bool = True, log: Callable[[dict], None] 
                           weight_decay=cfg.weight_decay)
     steps = len(train_loader) if cfg.max_steps is None else min(cfg.max_steps, len(train_loader))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps))
-    bar = _progress(cfg.epochs * steps, f"{cfg.method}/{cfg.model}/seed{cfg.seed}", progress)
-    history, metrics, t0 = [], None, time.perf_counter()
-    model.train()
-    for epoch in range(cfg.epochs):
-        if okd is not None:
-            okd.set_epoch(epoch, cfg.epochs)
-        running, seen = 0.0, 0
-        for i, (x, y) in enumerate(train_loader):
-            if i >= steps:
-                break
-            with _autocast(device, cfg.amp):
-                out = model(x)
-            loss = okd(out, y).total if okd is not None else F.cross_entropy(out.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            running += float(loss.detach()) if i % 10 == 0 else 0.0
-            seen += 1 if i % 10 == 0 else 0
-            bar.update(1)
-        record = {"epoch": epoch + 1, "train_loss": running / max(seen, 1), "lr": sched.get_last_lr()[0],
-                  "elapsed_s": time.perf_counter() - t0}
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            metrics = evaluate(model, test_loader, device, cfg.amp, target, cfg.test_subset)
+    state = TrainState(model, opt, sched, okd)
+    start, history, elapsed = _resume(cfg, state, checkpoint, resume, device)
+    if start and log is not None and ddp.is_main():
+        log({"event": "resume", "method": cfg.method, "model": cfg.model, "seed": cfg.seed, "from_epoch": start})
+    net = ddp.wrap(model, device)
+    bar = _progress(cfg.epochs * steps, f"{cfg.method}/{cfg.model}/seed{cfg.seed}", progress and ddp.is_main())
+    bar.update(start * steps)
+    metrics = next((h for h in reversed(history) if "target_acc" in h), None)
+    t0 = time.perf_counter() - elapsed
+    _set_train(model, cfg.freeze_bn)
+    for epoch in range(start, cfg.epochs):
+        record = _train_epoch(cfg, net, state, train_loader, epoch, steps, device, bar)
+        record["elapsed_s"] = time.perf_counter() - t0
+        evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
+        if evaluated:
+            metrics = ddp.on_main(lambda: evaluate(model, test_loader, device, cfg.amp, target, cfg.test_subset))
+            _set_train(model, cfg.freeze_bn)
             record.update(metrics)
             bar.set_postfix(acc=f"{metrics['target_acc']:.2f}")
         history.append(record)
-        if log is not None:
+        if log is not None and ddp.is_main():
             log({"method": cfg.method, "model": cfg.model, "seed": cfg.seed, **record})
+        if evaluated and checkpoint is not None and ddp.is_main():
+            save_checkpoint(checkpoint, cfg=cfg, state=state, epoch=epoch + 1, history=history,
+                            train_seconds=time.perf_counter() - t0)
     train_seconds = time.perf_counter() - t0
     bar.close()
     deployed = deployable().eval()
     exported_path = None
-    if export_dir is not None:
+    if export_dir is not None and ddp.is_main():
         exported_path = str(save_exported(deployed, cfg, meta, export_dir))
     return RunResult(config=cfg.to_dict(), target_acc=metrics["target_acc"], ensemble_acc=metrics["ensemble_acc"],
                      leaf_accs=metrics["leaf_accs"], diversity=metrics["diversity"],
                      deployed_params=sum(p.numel() for p in deployed.parameters()),
                      trained_params=sum(p.numel() for p in model.parameters()),
-                     train_seconds=train_seconds, history=history, exported_path=exported_path)
+                     train_seconds=train_seconds, history=history, exported_path=exported_path,
+                     resumed_from_epoch=start)
+
+
+def _loaders(cfg: RunConfig, device: torch.device):
+    if cfg.fake_data:
+        return fake_loaders(cfg.dataset, cfg.batch_size, cfg.fake_batches, device, cfg.seed,
+                            channels_last=cfg.channels_last)
+    return make_loaders(cfg.dataset, cfg.batch_size, device, train_subset=cfg.train_subset, seed=cfg.seed,
+                        augment=cfg.augment, root=cfg.data_root, eval_batch_size=max(cfg.batch_size, 512),
+                        channels_last=cfg.channels_last)
+
+
+def _resume(cfg: RunConfig, state: TrainState, path: str | Path | None, resume: bool,
+            device: torch.device) -> tuple[int, list[dict[str, Any]], float]:
+    """(epochs done, history, seconds trained) from ``path`` if resuming, else a fresh start."""
+    if path is None or not Path(path).exists():
+        return 0, [], 0.0
+    if not resume:
+        raise CheckpointError(f"checkpoint {path} already exists; pass resume=True (branchify-train --resume "
+                              f"<run dir>) to continue it, or train into a fresh directory")
+    payload = load_checkpoint(path, cfg, device)
+    restore(payload, state, path)
+    return int(payload["epoch"]), list(payload["history"]), float(payload["train_seconds"])
+
+
+def _set_train(model: nn.Module, freeze_bn: bool) -> None:
+    """Training mode; with ``freeze_bn`` every BatchNorm stays in eval mode (running statistics)."""
+    model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def _train_epoch(cfg: RunConfig, net: nn.Module, state: TrainState, loader, epoch: int, steps: int,
+                 device: torch.device, bar) -> dict[str, Any]:
+    """One epoch on this rank's slices of the batches; the epoch's log record (rank-averaged)."""
+    rank, world = ddp.rank_world()
+    okd, opt, sched = state.okd, state.optimizer, state.scheduler
+    if okd is not None:
+        okd.set_epoch(epoch, cfg.epochs)
+    loader.set_epoch(epoch)
+    sums: dict[str, float] = {}
+    seen = 0
+    for i, (x, y) in enumerate(loader):
+        if i >= steps:
+            break
+        bar.update(1)
+        part = ddp.shard_batch(x, y, rank, world)
+        if part is None:
+            continue
+        xs, ys, scale = part
+        with _autocast(device, cfg.amp):
+            out = net(xs)
+        result = okd(out, ys) if okd is not None else None
+        loss = result.total if result is not None else F.cross_entropy(out.float(), ys)
+        opt.zero_grad(set_to_none=True)
+        (loss if scale == 1.0 else loss * scale).backward()
+        opt.step()
+        sched.step()
+        if i % 10 == 0:  # read the loss (a device sync) on every 10th step only
+            names = ["train_loss", *(sorted(result.parts) if result is not None else [])]
+            values = [loss.detach()] + [torch.as_tensor(result.parts[k]) for k in names[1:]]
+            for k, v in zip(names, torch.stack([v.float().reshape(()).to(loss.device) for v in values]).tolist()):
+                sums[k] = sums.get(k, 0.0) + v
+            seen += 1
+    means = ddp.mean_over_ranks({k: v / max(seen, 1) for k, v in sums.items()})
+    record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": means.pop("train_loss", 0.0),
+                              "lr": sched.get_last_lr()[0]}
+    if means:
+        record["loss_parts"] = means
+    return record
 
 
 def save_exported(model: nn.Module, cfg: RunConfig, meta, directory: str | Path) -> Path:
