@@ -61,6 +61,8 @@ PILOT_REGIMES = [  # in the order they ran; cost relative to the first row in th
 
 # The regime the full benchmark runs (chosen from the pilot; see benchmarks/README.md).
 BENCHMARK_REGIME = CPU_REGIME
+# Where the AHBF variants (lambdas, init of the deepened blocks) were compared before the benchmark.
+AHBF_VARIANTS_REGIME = Regime("r14-14px-1k-100ep", depth=14)
 
 
 # ---------------------------------------------------------------------- models and losses
@@ -306,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
         title = f"CPU accuracy benchmark: {r.name}"
     elif args.command == "variants":
         seeds = args.seeds or [0, 1, 2]
-        regimes = {r.name: r for r in [*PILOT_REGIMES, BENCHMARK_REGIME]}
+        regimes = {r.name: r for r in [*PILOT_REGIMES, BENCHMARK_REGIME, AHBF_VARIANTS_REGIME]}
         if args.regimes not in regimes or not args.variants:
             p.error(f"variants needs --regimes <one of {sorted(regimes)}> and --variants 'm:k=v;...'")
         r = regimes[args.regimes]
