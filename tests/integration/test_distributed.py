@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +19,7 @@ from branchify.md import MDTrainer
 from branchify.schedules import IntervalSchedule
 from branchify.recipes.data import TensorLoader
 
+from gloo_ranks import run_ranks
 from peer_models import SmallCNN, SmallMLP, step_all
 
 WORLD, N, BATCH, T = 2, 40, 10, 3.0
@@ -147,31 +145,15 @@ def _worker(rank: int, port: int, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Run the 2-rank job once; every test below reads its results."""
-    mp = pytest.importorskip("torch.multiprocessing")
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path_factory.mktemp("ranks")
     # Forked ranks inherit the imported modules (seconds per rank saved on a busy 2-core machine);
     # building an optimiser once imports torch._dynamo here rather than in every rank. The ranks
     # use one thread each, so no OpenMP pool is touched after the fork. Spawn where fork is unsafe.
     torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
-    method = "fork" if sys.platform.startswith("linux") else "spawn"
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False, start_method=method)
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the 2-rank gloo job did not finish within 120 s")
+    run_ranks(_worker, (str(out),), nprocs=WORLD, timeout=120)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

@@ -2,21 +2,14 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import branchify as bf
 
 from conftest import TinyCifarResNet
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from gloo_ranks import run_ranks
 
 
 def _build() -> bf.BranchedModel:
@@ -46,7 +39,7 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 def test_export_from_fsdp2_gathers_every_shard(tmp_path):
     out = str(tmp_path / "student.pt")
-    mp.spawn(_rank, args=(_free_port(), out), nprocs=2, join=True)
+    run_ranks(_rank, (out,), nprocs=2, timeout=120, start_method="spawn")
     expected = _build().export().state_dict()
     got = torch.load(out, weights_only=True)
     assert list(got) == list(expected)

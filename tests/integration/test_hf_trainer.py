@@ -15,6 +15,7 @@ import branchify as bf  # noqa: E402
 from branchify.integrations.hf import (BranchedHFModel, BranchifyCallback, branchify_hf,  # noqa: E402
                                        default_hf_splits, infer_task)
 from branchify.online_kd import OnlineKD  # noqa: E402
+from gloo_ranks import run_ranks  # noqa: E402
 from hf_tiny_models import AUTO, FAMILIES, SPLITS, make_batch, make_model  # noqa: E402
 
 ATOL = 1e-5
@@ -291,13 +292,8 @@ def _parts_worker(rank: int, port: int, out: str, model: BranchedHFModel) -> Non
 
 def test_logged_loss_parts_are_the_mean_over_ranks(tmp_path):
     """Two gloo ranks: every rank logs the mean of each loss part over all ranks' forwards."""
-    import socket
-    import sys
-    import time
-
-    mp = pytest.importorskip("torch.multiprocessing")
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
+        pytest.skip("torch.distributed with gloo is not available")  # before the expected parts are computed
     model = _wrap("bert")
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
@@ -312,18 +308,7 @@ def test_logged_loss_parts_are_the_mean_over_ranks(tmp_path):
                 parts.append(model.compute_loss(model.branched_output(**batch)[0], labels).parts)
     expected = {k: sum(float(p[k]) for p in parts) / len(parts) for k in parts[0]}
     assert model.pop_logged_parts() == {}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    method = "fork" if sys.platform.startswith("linux") else "spawn"  # fork: no re-import per rank
-    ctx = mp.start_processes(_parts_worker, args=(port, str(tmp_path), model), nprocs=2, join=False,
-                             start_method=method)
-    deadline = time.monotonic() + 60
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the 2-rank gloo job did not finish within 60 s")
+    run_ranks(_parts_worker, (str(tmp_path), model), nprocs=2, timeout=60)
     for rank in (0, 1):
         saved = json.loads((tmp_path / f"rank{rank}.json").read_text())
         logged = {k[len("okd/"):]: v for k, v in saved["logs"].items() if k.startswith("okd/")}
