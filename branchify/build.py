@@ -65,6 +65,7 @@ def branchify(model: nn.Module, spec: Spec, *, model_fn: Callable[[], nn.Module]
     gm = trace(work, tracer)
     part = partition(gm, spec.splits, feature_node)
     sd_orig = work.state_dict()
+    part.unexecuted = _unexecuted(sd_orig, part.levels)
     if part.unexecuted:
         warnings.warn(f"{len(part.unexecuted)} state_dict entries belong to modules the forward never "
                       f"runs ({part.unexecuted[:5]}...); export fills them from the original model",
@@ -100,6 +101,14 @@ def branchify(model: nn.Module, spec: Spec, *, model_fn: Callable[[], nn.Module]
                        final_linear_in=part.final_linear.in_features if part.final_linear is not None else None)
     bm.train(was_training)
     return bm
+
+
+def _unexecuted(sd_orig: dict[str, torch.Tensor], levels: list[fx.GraphModule]) -> list[str]:
+    """The model's state_dict entries no level holds: fx keeps only the modules a trace calls, so
+    the modules the forward never runs (GoogLeNet's and Inception's aux heads, traced in eval
+    mode) are found against the model itself."""
+    used = {k for level in levels for k in level.state_dict()}
+    return [k for k in sd_orig if k not in used]
 
 
 def _retie(segments: dict[str, fx.GraphModule], spec: Spec, tied: dict[str, dict[int, list[str]]]) -> None:

@@ -13,6 +13,7 @@ hint that fixes it, and the hinted variant is run too (it must pass).
 """
 from __future__ import annotations
 
+import copy
 import functools
 import subprocess
 import sys
@@ -140,9 +141,10 @@ def _cases() -> list:
     return cases
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=len(DEFAULT_SUITE))
 def _model(name: str) -> tuple[nn.Module, torch.Tensor]:
-    """The architecture with random weights (eval mode) and a batch of two images; never mutated."""
+    """The architecture with random weights (eval mode) and a batch of two images; never mutated.
+    The default suite's models stay built for the train/eval test."""
     arch = ZOO[name]
     torch.manual_seed(0)
     net = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, **arch.kwargs).eval()
@@ -269,6 +271,56 @@ def test_timm_architecture(name, check, hinted):
         _check_default_split(name, hinted)
     else:
         _run(name, check, hinted)
+
+
+# ------------------------------------------------------------------ train / eval follows the module
+
+def check_train_eval(original: nn.Module, bm: bf.BranchedModel, x: torch.Tensor) -> bool:
+    """Two eval passes of the branched model are identical; two training passes differ (for every
+    leaf) exactly when two training passes of the original differ. Returns whether they do."""
+    reference = copy.deepcopy(original).train()  # training passes update BatchNorm statistics
+    torch.manual_seed(0)
+    with torch.no_grad():
+        random = not torch.equal(reference(x), reference(x))
+        bm.eval()
+        first, second = bm(x).logits, bm(x).logits
+        assert all(torch.equal(a, b) for a, b in zip(first, second)), "eval passes differ"
+        bm.train()
+        torch.manual_seed(0)
+        first, second = bm(x).logits, bm(x).logits
+    differ = [not torch.equal(a, b) for a, b in zip(first, second)]
+    assert differ == [random] * len(differ), (f"training passes of the original {'differ' if random else 'agree'}; "
+                                              f"of the leaves: differ={differ}")
+    return random
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n, marks=[pytest.mark.slow] if a.slow or n not in DEFAULT_SUITE
+                                               else []) for n, a in ZOO.items()])
+def test_train_eval_follows_the_module(name):
+    """At timm's defaults (no dropout, no drop path for most) training passes are as deterministic
+    as the original's, and eval passes are identical (also for the models caching in eval mode)."""
+    net, x = _model(name)
+    bm, _ = _method(name, "one", hinted="one" in ZOO[name].xfail)
+    check_train_eval(net, bm, x)
+
+
+DROPPING = {"resnet18": {}, "convnext_atto": {}, "efficientnet_b0": {}, "vit_tiny_patch16_224": SMALL,
+            "swin_tiny_patch4_window7_224": SMALL}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n, marks=[] if n in ("convnext_atto", "efficientnet_b0")
+                                               else [pytest.mark.slow]) for n in sorted(DROPPING)])
+def test_dropout_and_drop_path_follow_the_module(name):
+    """With ``drop_rate`` and ``drop_path_rate`` (timm's DropPath calls ``drop_path(x, p,
+    self.training)``; the heads ``F.dropout``) training passes differ, as the original's do, and
+    eval passes are identical."""
+    torch.manual_seed(0)
+    net = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, drop_rate=0.2, drop_path_rate=0.2,
+                            **DROPPING[name]).eval()
+    size = DROPPING[name].get("img_size", 64)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    bm, _ = bf.method("one", net, **ZOO[name].hints.get("one", {}))
+    assert check_train_eval(net, bm, x)
 
 
 def test_the_zoo_is_a_spread():
