@@ -11,10 +11,13 @@ import torch
 
 from .regime import Regime
 
-REFERENCE: dict[str, tuple[float, float]] = {}
+REFERENCE: dict[str, tuple[float, float]] = {
+    "dml": (0.99, 0.19), "cl_ilr": (-0.30, 0.24), "one": (0.65, 0.22), "okddip": (0.23, 0.28),
+    "tsa": (0.49, 0.29), "u_tsa": (0.57, 0.34), "ahbf": (0.60, 0.21),
+}
 """Paired gain over the baseline (mean, standard error; points) of each method in the CPU benchmark's
-regime over 5 seeds: ``benchmarks/results/accuracy_cpu/results.json`` (branchify implementation).
-Filled from that file by ``python -m benchmarks.accuracy_cpu summarise``'s numbers."""
+regime over 5 seeds, copied from ``benchmarks/results/accuracy_cpu/results.json`` (``summary``,
+branchify implementation; ``python -m benchmarks.accuracy_cpu run`` measured it on a 2-core CPU)."""
 
 
 def _step_seconds(make: Callable[[], Any], regime: Regime, steps: int = 3) -> float:

@@ -19,16 +19,20 @@ def test_demo_smoke_writes_table_plots_and_a_strictly_reloadable_export(tmp_path
     assert demo.main(["--smoke", "--out", str(out), "--workers", "2"]) == 0
     text = capsys.readouterr().out
     assert text.splitlines()[0].startswith("Training 4 runs (smoke: ResNet-14") and "processes: about" in text
-    table = [line.split() for line in text.splitlines() if line.split()[:1] in (["baseline"], ["dml"], ["tsa"], ["one"])]
-    assert [row[0] for row in table] == ["baseline", "dml", "tsa", "one"]
+    table = [line.split() for line in text.splitlines() if line.split()[:1] in (["baseline"], ["dml"], ["one"], ["ahbf"])]
+    assert [row[0] for row in table] == ["baseline", "dml", "one", "ahbf"]
     assert "One seed shows" in text and "5-seed gain" in text
+    for method, (gain, se) in demo.REFERENCE.items():  # the benchmark's 5-seed gain beside each row
+        if method in ("dml", "one", "ahbf"):
+            assert f"{gain:+.2f} ± {se:.2f}" in next(" ".join(r) for r in table if r[0] == method)
     results = json.loads((out / "results.json").read_text())
     runs = {r["method"]: r for r in results["runs"]}
-    for m in ("baseline", "dml", "tsa", "one"):
+    for m in ("baseline", "dml", "one", "ahbf"):
         assert (out / "exported" / m / "model.safetensors").is_file()
         assert runs[m]["export"]["class"] == "CifarResNet" and runs[m]["export"]["max_abs_diff_to_leaf"] < 1e-5
         assert 0 < runs[m]["target_acc"] < 100 and f"{runs[m]['target_acc']:.2f}" in text
-    assert runs["tsa"]["spec"]["fanout"] == [2, 2] and runs["one"]["split_reason"].startswith("default split")
+    assert runs["one"]["spec"]["fanout"] == [3] and runs["one"]["split_reason"].startswith("default split")
+    assert list(runs["ahbf"]["spec"]["deepen"].values()) == [[0, 1, 2, 3]]  # the regime's aux=1
     for name in ("summary.md", "accuracy.png", "trees.png"):
         assert (out / name).stat().st_size > 0
     assert "| baseline |" in (out / "summary.md").read_text()
