@@ -51,12 +51,13 @@ def is_timm_model(model: nn.Module) -> bool:
     return any(_is_timm_class(c) for c in type(model).__mro__)
 
 
-EXTRA_LEAVES = ("StdConv2d", "ScaledStdConv2d")
+EXTRA_LEAVES = ("StdConv2d", "ScaledStdConv2d", "DropPath")
 """``timm.layers`` classes made leaves on top of timm's registry: weight-standardised convolutions
 normalise their weight with ``F.batch_norm(..., training=True)`` - batch statistics by design -
 which a traced graph must not turn into running statistics in eval mode (their ``...Same``
-variants are registered by timm already). NFNets (``nf_regnet_*``, ``nf_resnet*``, ``nfnet_l*``)
-and BiT ResNetV2s use them."""
+variants are registered by timm already; NFNets and BiT ResNetV2s use them). ``DropPath``'s
+``drop_path`` branches on ``if not training`` in Python, which tracing would resolve once for
+good (stochastic depth gone from a model traced in eval mode); as a leaf it follows ``.train()``."""
 
 
 class TimmTracer(Tracer):

@@ -13,7 +13,6 @@ hint that fixes it, and the hinted variant is run too (it must pass).
 """
 from __future__ import annotations
 
-import copy
 import functools
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 import branchify as bf
+from zoo_checks import assert_unchanged, check_branched, check_train_eval, snapshot
 from branchify.registry import ENTRY_POINT_GROUP, plugin_for
 from branchify.surgery.default_split import default_splits
 
@@ -155,31 +155,6 @@ def _fresh(name: str) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, **ZOO[name].kwargs)
 
 
-def _describe(value: Any) -> Any:
-    """A comparable summary of an attribute value: containers by content, tensors by shape."""
-    if isinstance(value, dict):
-        return ("dict", tuple((str(k), _describe(v)) for k, v in value.items()))
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, tuple(_describe(v) for v in value))
-    if isinstance(value, torch.Tensor):
-        return ("tensor", tuple(value.shape), value.dtype)
-    return (type(value).__name__, value if isinstance(value, (bool, int, float, str, type(None))) else None)
-
-
-def snapshot(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Every module's attributes (``__dict__``: caches, flags, hooks) and the state_dict's values."""
-    attrs = {name: {k: _describe(v) for k, v in vars(m).items()} for name, m in model.named_modules()}
-    return attrs, {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_unchanged(model: nn.Module, before: tuple[dict, dict[str, torch.Tensor]]) -> None:
-    attrs, sd = snapshot(model)
-    changed = [n for n in attrs if attrs[n] != before[0].get(n)]
-    assert not changed, f"branchify left state behind in the user's modules {changed[:5]}"
-    assert sd.keys() == before[1].keys()
-    assert all(torch.equal(v, before[1][k]) for k, v in sd.items())
-
-
 def _method(name: str, method: str, hinted: bool) -> tuple[bf.BranchedModel, bf.OnlineKD]:
     net, _ = _model(name)
     overrides = ZOO[name].hints.get(method, {}) if hinted else {}
@@ -192,25 +167,6 @@ def _method(name: str, method: str, hinted: bool) -> tuple[bf.BranchedModel, bf.
     assert not rebuild, rebuild
     assert bm.init_used.startswith("donor"), bm.init_used  # timm's own init for every replica
     return bm, okd
-
-
-def _train_step(bm: bf.BranchedModel, okd: bf.OnlineKD, x: torch.Tensor, zero_head: bool) -> None:
-    """One SGD step must move every segment; with a zero-initialised head (MLP-Mixer, ResMLP...)
-    no gradient reaches the body until the head has moved, so a second step is taken first."""
-    bm.train()
-    okd.set_epoch(0, 1)
-    y = torch.arange(x.shape[0]) % NUM_CLASSES
-    opt = torch.optim.SGD(bm.parameters(), lr=0.01)
-    before = {k: p.detach().clone() for k, p in bm.named_parameters()}
-    for _ in range(2 if zero_head else 1):
-        opt.zero_grad()
-        loss = okd(bm(x), y).total
-        assert torch.isfinite(loss), loss
-        loss.backward()
-        opt.step()
-    for seg, module in bm.segments.items():
-        moved = [not torch.equal(p, before[f"segments.{seg}.{k}"]) for k, p in module.named_parameters()]
-        assert any(moved), f"segment {seg} did not change in a training step"
 
 
 def _check_export(name: str, bm: bf.BranchedModel, x: torch.Tensor) -> None:
@@ -228,17 +184,8 @@ def _check_export(name: str, bm: bf.BranchedModel, x: torch.Tensor) -> None:
 
 def _run(name: str, method: str, hinted: bool) -> None:
     net, x = _model(name)
-    with torch.no_grad():
-        ref = net(x)
     bm, okd = _method(name, method, hinted)
-    assert len(bm.spec.splits) == (1 if method == "one" else 2)
-    with torch.no_grad():
-        out = bm.eval()(x)
-    assert len(out.logits) == bm.num_leaves and all(z.shape == (2, NUM_CLASSES) for z in out.logits)
-    torch.testing.assert_close(out.logits[0], ref, atol=ATOL, rtol=0)
-    sibling = bm.segments["b1"]  # a re-initialised replica of b0: fresh timm init, not a copy
-    assert any(not torch.equal(p, q) for p, q in zip(bm.segments["b0"].parameters(), sibling.parameters()))
-    _train_step(bm, okd, x, zero_head=bool((ref == 0).all()))
+    check_branched(net, x, bm, okd, method, NUM_CLASSES, ATOL)
     _check_export(name, bm, x)
 
 
@@ -274,25 +221,6 @@ def test_timm_architecture(name, check, hinted):
 
 
 # ------------------------------------------------------------------ train / eval follows the module
-
-def check_train_eval(original: nn.Module, bm: bf.BranchedModel, x: torch.Tensor) -> bool:
-    """Two eval passes of the branched model are identical; two training passes differ (for every
-    leaf) exactly when two training passes of the original differ. Returns whether they do."""
-    reference = copy.deepcopy(original).train()  # training passes update BatchNorm statistics
-    torch.manual_seed(0)
-    with torch.no_grad():
-        random = not torch.equal(reference(x), reference(x))
-        bm.eval()
-        first, second = bm(x).logits, bm(x).logits
-        assert all(torch.equal(a, b) for a, b in zip(first, second)), "eval passes differ"
-        bm.train()
-        torch.manual_seed(0)
-        first, second = bm(x).logits, bm(x).logits
-    differ = [not torch.equal(a, b) for a, b in zip(first, second)]
-    assert differ == [random] * len(differ), (f"training passes of the original {'differ' if random else 'agree'}; "
-                                              f"of the leaves: differ={differ}")
-    return random
-
 
 @pytest.mark.parametrize("name", [pytest.param(n, id=n, marks=[pytest.mark.slow] if a.slow or n not in DEFAULT_SUITE
                                                else []) for n, a in ZOO.items()])

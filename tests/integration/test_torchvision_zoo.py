@@ -20,7 +20,6 @@ the rest of the spread is marked slow (``pytest -m slow tests/integration/test_t
 """
 from __future__ import annotations
 
-import copy
 import functools
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +30,7 @@ from torch import nn
 from torchvision import models as tvm
 
 import branchify as bf
+from zoo_checks import assert_unchanged, check_branched, check_train_eval, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small inputs: see conftest.one_thread
 ATOL = 1e-5
@@ -138,31 +138,6 @@ def _model(name: str) -> tuple[nn.Module, torch.Tensor]:
     return _BUILT[name]
 
 
-def _describe(value: Any) -> Any:
-    """A comparable summary of an attribute value: containers by content, tensors by shape."""
-    if isinstance(value, dict):
-        return ("dict", tuple((str(k), _describe(v)) for k, v in value.items()))
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, tuple(_describe(v) for v in value))
-    if isinstance(value, torch.Tensor):
-        return ("tensor", tuple(value.shape), value.dtype)
-    return (type(value).__name__, value if isinstance(value, (bool, int, float, str, type(None))) else None)
-
-
-def snapshot(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Every module's attributes (``__dict__``: caches, flags, hooks) and the state_dict's values."""
-    attrs = {name: {k: _describe(v) for k, v in vars(m).items()} for name, m in model.named_modules()}
-    return attrs, {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_unchanged(model: nn.Module, before: tuple[dict, dict[str, torch.Tensor]]) -> None:
-    attrs, sd = snapshot(model)
-    changed = [n for n in attrs if attrs[n] != before[0].get(n)]
-    assert not changed, f"branchify left state behind in the user's modules {changed[:5]}"
-    assert sd.keys() == before[1].keys()
-    assert all(torch.equal(v, before[1][k]) for k, v in sd.items())
-
-
 def _method(name: str, method: str, hinted: bool) -> tuple[bf.BranchedModel, bf.OnlineKD]:
     net, _ = _model(name)
     overrides = ZOO[name].hints.get(method, {}) if hinted else {}
@@ -172,28 +147,6 @@ def _method(name: str, method: str, hinted: bool) -> tuple[bf.BranchedModel, bf.
     bm, okd = bf.method(method, net, model_fn=functools.partial(_fresh, name), **overrides)
     assert_unchanged(net, before)
     return bm, okd
-
-
-def _train_step(bm: bf.BranchedModel, okd: bf.OnlineKD, x: torch.Tensor, zero_head: bool) -> None:
-    """One (clipped) SGD step must move every segment; with a zero-initialised head (ViT) no
-    gradient reaches the body until the head has moved, so a second step is taken first."""
-    bm.train()
-    okd.set_epoch(0, 1)
-    y = torch.arange(x.shape[0]) % NUM_CLASSES
-    opt = torch.optim.SGD(bm.parameters(), lr=0.01)
-    before = {k: p.detach().clone() for k, p in bm.named_parameters()}
-    for _ in range(2 if zero_head else 1):
-        opt.zero_grad()
-        loss = okd(bm(x), y).total
-        assert torch.isfinite(loss), loss
-        loss.backward()
-        # A deep BatchNorm network on a batch of two (EfficientNet-B7) can take a gradient in the
-        # thousands and blow up in one step at lr 0.01; a clipped step still moves every parameter.
-        torch.nn.utils.clip_grad_norm_(bm.parameters(), 1.0)
-        opt.step()
-    for seg, module in bm.segments.items():
-        moved = [not torch.equal(p, before[f"segments.{seg}.{k}"]) for k, p in module.named_parameters()]
-        assert any(moved), f"segment {seg} did not change in a training step"
 
 
 def _check_export(name: str, bm: bf.BranchedModel, x: torch.Tensor) -> None:
@@ -211,17 +164,8 @@ def _check_export(name: str, bm: bf.BranchedModel, x: torch.Tensor) -> None:
 
 def _run(name: str, method: str, hinted: bool) -> None:
     net, x = _model(name)
-    with torch.no_grad():
-        ref = net(x)
     bm, okd = _method(name, method, hinted)
-    assert len(bm.spec.splits) == (1 if method == "one" else 2)
-    with torch.no_grad():
-        out = bm.eval()(x)
-    assert len(out.logits) == bm.num_leaves and all(z.shape == (2, NUM_CLASSES) for z in out.logits)
-    torch.testing.assert_close(out.logits[0], ref, atol=ATOL, rtol=0)
-    sibling = bm.segments["b1"]  # a re-initialised replica of b0, not a copy
-    assert any(not torch.equal(p, q) for p, q in zip(bm.segments["b0"].parameters(), sibling.parameters()))
-    _train_step(bm, okd, x, zero_head=bool((ref == 0).all()))
+    check_branched(net, x, bm, okd, method, NUM_CLASSES, ATOL)
     _check_export(name, bm, x)
 
 
@@ -233,30 +177,6 @@ def test_torchvision_architecture(name, check, hinted):
 
 
 # ------------------------------------------------------------------ train / eval follows the module
-
-def _logits(out: Any) -> torch.Tensor:
-    """The logits of a torchvision forward (GoogLeNet / Inception return a tuple with aux logits in training)."""
-    return out.logits if hasattr(out, "logits") else out
-
-
-def check_train_eval(original: nn.Module, bm: bf.BranchedModel, x: torch.Tensor) -> bool:
-    """Two eval passes of the branched model are identical; two training passes differ (for every
-    leaf) exactly when two training passes of the original differ. Returns whether they do."""
-    reference = copy.deepcopy(original).train()  # training passes update BatchNorm statistics
-    torch.manual_seed(0)
-    with torch.no_grad():
-        random = not torch.equal(_logits(reference(x)), _logits(reference(x)))
-        bm.eval()
-        first, second = bm(x).logits, bm(x).logits
-        assert all(torch.equal(a, b) for a, b in zip(first, second)), "eval passes differ"
-        bm.train()
-        torch.manual_seed(0)
-        first, second = bm(x).logits, bm(x).logits
-    differ = [not torch.equal(a, b) for a, b in zip(first, second)]
-    assert differ == [random] * len(differ), (f"training passes of the original {'differ' if random else 'agree'}; "
-                                              f"of the leaves: differ={differ}")
-    return random
-
 
 DETERMINISTIC = {"resnet", "resnext", "wide_resnet", "regnet", "shufflenet", "densenet", "vit"}
 """Families without dropout or stochastic depth in training at torchvision's defaults (DenseNet's
