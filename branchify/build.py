@@ -53,8 +53,6 @@ def branchify(model: nn.Module, spec: Spec, *, model_fn: Callable[[], nn.Module]
         raise TypeError(f"spec must be a branchify.Spec, got {type(spec).__name__}")
     check_mode(batched)
     plugin = plugin_for(model)
-    if tracer is None and plugin is not None and plugin.tracer is not None:
-        tracer = plugin.tracer(model)
     if model_fn is None and plugin is not None and plugin.model_fn is not None:
         model_fn = plugin.model_fn(model)
     how = resolve_init(spec.init, model, model_fn, plugin.init if plugin is not None else None)

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import nn
 
-from ..registry import plugin_tracer
 from .partition import list_split_points
 from .tracing import trace
 
@@ -112,7 +111,7 @@ def default_splits(model: nn.Module, levels: int = 1, tracer: fx.Tracer | None =
     The model is traced on a deep copy, so tracing can leave nothing behind in ``model``.
     """
     work = copy.deepcopy(model)
-    executed = [p for p in list_split_points(trace(work, tracer if tracer is not None else plugin_tracer(work)))
+    executed = [p for p in list_split_points(trace(work, tracer))
                 if p != "<input>"]
     body, blocks = find_body(work, executed)
     if len(blocks) < levels + 1:

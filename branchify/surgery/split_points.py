@@ -6,7 +6,6 @@ import copy
 import torch.fx as fx
 from torch import nn
 
-from ..registry import plugin_tracer
 from ..spec import INPUT
 from .partition import list_split_points
 from .tracing import trace
@@ -25,8 +24,6 @@ def split_points(model: nn.Module, tracer: fx.Tracer | None = None, max_depth: i
         ['<input>', 'conv1', 'bn1', 'relu', 'maxpool', 'layer1', ..., 'layer4', 'avgpool', 'fc']
     """
     work = copy.deepcopy(model)  # tracing can leave state behind (modules caching tensors in forward)
-    if tracer is None:
-        tracer = plugin_tracer(work)
     points = list_split_points(trace(work, tracer))
     if max_depth is not None:
         points = [p for p in points if p == INPUT or p.count(".") < max_depth]

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import traceback
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch.fx as fx
 from torch import nn
 
+from ..registry import plugin_tracer
 from .training_mode import follow_training_mode
 
 
@@ -55,13 +57,47 @@ class Tracer(fx.Tracer):
             raise
 
 
+def _package_dirs() -> tuple[Path, ...]:
+    """Where torch and branchify are installed: frames under these are not the user's code."""
+    import torch
+    branchify_dir = Path(__file__).resolve().parents[1]  # this file is branchify/surgery/tracing.py
+    return Path(torch.__file__).resolve().parent, branchify_dir
+
+
+def _is_library_frame(filename: str, library_dirs: tuple[Path, ...]) -> bool:
+    # Compared as resolved paths, never as substrings: a user's project may itself live in a
+    # folder called ``branchify`` or ``torch`` (a checkout of this repository does).
+    try:
+        path = Path(filename).resolve()
+    except (OSError, ValueError):  # "<string>", "<eval>"...: generated code, not the user's file
+        return True
+    return any(path.is_relative_to(d) for d in library_dirs)
+
+
 def _deepest_user_frame(exc: BaseException) -> str:
-    """The innermost stack frame outside torch itself: where the untraceable code lives."""
+    """The innermost stack frame outside torch and branchify: where the untraceable code lives."""
     frames = traceback.extract_tb(exc.__traceback__)
+    library_dirs = _package_dirs()
     for fr in reversed(frames):
-        if "/torch/" not in fr.filename and "/branchify/" not in fr.filename:
+        if not fr.filename.startswith("<") and not _is_library_frame(fr.filename, library_dirs):
             return f"{fr.name}() at {fr.filename}:{fr.lineno}: {fr.line}"
     return f"{frames[-1].name}() at {frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+
+
+def resolve_tracer(model: nn.Module, tracer: fx.Tracer | None = None) -> fx.Tracer:
+    """The tracer branchify uses for ``model``: ``tracer`` if given, else the one its plugin
+    provides (the coarse HF tracer, timm's leaf modules...), else a plain :class:`Tracer`.
+
+    :func:`trace`, :func:`~branchify.split_points`, the default split and
+    :func:`~branchify.branchify` all resolve the tracer here, so they see the same graph.
+
+    Example:
+        >>> type(resolve_tracer(torchvision.models.resnet18())).__name__     # doctest: +SKIP
+        'Tracer'
+    """
+    if tracer is not None:
+        return tracer
+    return plugin_tracer(model) or Tracer()
 
 
 def trace(model: nn.Module, tracer: fx.Tracer | None = None,
@@ -73,11 +109,14 @@ def trace(model: nn.Module, tracer: fx.Tracer | None = None,
     ``training`` argument read the module's training flag instead (see
     :mod:`branchify.surgery.training_mode`).
 
+    Without ``tracer``, the model's plugin picks one (see :func:`resolve_tracer`): the same
+    graph that :func:`~branchify.branchify` and :func:`~branchify.split_points` cut.
+
     Raises:
         TraceError: naming the module being traced when it failed, the offending code line,
         and the fix (``Tracer(leaf_modules=[...])`` or ``autowrap_functions=[...]``).
     """
-    tracer = tracer if tracer is not None else Tracer()
+    tracer = resolve_tracer(model, tracer)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except TraceError:  # a tracer that already explains itself (e.g. the HF tracer)
