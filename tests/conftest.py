@@ -77,7 +77,7 @@ def make_output(k: int = 3, b: int = 6, classes: int = 5, channels: int = 8, fea
 
 
 class Reference:
-    """METHODS.md formulas written out with plain torch ops."""
+    """The formulas of docs/methods/*.md written out with plain torch ops."""
 
     @staticmethod
     def kl(teacher_logits, student_logits, T):

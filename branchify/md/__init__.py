@@ -1,7 +1,7 @@
 """MD (Gao et al. 2019): cross-architecture online distillation by interval distillation against
 fixed, accuracy-weighted soft labels - in one process or across ranks.
 
-Protocol (METHODS.md "MD"), repeated until the epoch budget ends:
+Protocol (formulas and sources: docs/methods/md.md), repeated until the epoch budget ends:
 
 1. ``T_in`` epochs of independent training: each peer minimises CE alone.
 2. At the first distillation epoch of the cycle every peer computes soft labels

@@ -131,3 +131,23 @@ def test_public_namespace_is_what_it_exports():
     submodules = {n for n in public if type(getattr(bf, n)).__name__ == "module"}
     assert public - submodules == set(bf.__all__) - submodules
     assert not {"nn", "annotations", "torch"} & public
+
+
+TEXT_SUFFIXES = (".py", ".md", ".ipynb", ".toml", ".yaml", ".yml")
+OUTSIDE_DOCUMENTS = ("METHODS" + ".md", "../" + "shared", "/work/" + "shared")  # split: no self-match
+
+
+def _tracked_text_files() -> list[Path]:
+    repo = ROOT.parent
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=repo, capture_output=True, text=True)
+    if listed.returncode != 0:  # not a git checkout (an unpacked sdist): every text file there
+        return [p for p in repo.rglob("*") if p.suffix in TEXT_SUFFIXES and ".venv" not in p.parts]
+    return [repo / name for name in listed.stdout.split("\0") if name.endswith(TEXT_SUFFIXES)]
+
+
+def test_no_reference_to_documents_outside_the_repository():
+    files = _tracked_text_files()
+    assert any(p.name == "README.md" for p in files), "found no tracked text file: wrong repository root?"
+    bad = [f"{p.relative_to(ROOT.parent)}: {needle}" for p in files if p.is_file()
+           for needle in OUTSIDE_DOCUMENTS if needle in p.read_text(errors="replace")]
+    assert not bad, f"formulas and sources belong inside the repository (docs/methods/), found: {bad}"

@@ -146,7 +146,7 @@ def authors_ahbf(out, agg, y, epoch, epochs, lambdas, own_ta=True):
 
 
 def documented_tsa(out, agg, y, epoch, epochs, a=0.5, T=3.0):
-    """TSA has no public code; its documented formula (METHODS.md, paper 000):
+    """TSA has no public code; its documented formula (docs/methods/tsa.md):
     ``sum_k [(1 - a) CE(z_k) + a T^2 / (K-1) sum_{j != k} KL(p_j || p_k)]``, peers detached."""
     k = len(out.logits)
     return sum((1 - a) * ce(z, y) + a / (k - 1) * sum(kl_loss(z, out.logits[j], T, detach=True)

@@ -1,4 +1,4 @@
-"""AHBF-OKD: recursive teacher assistants and their loss against METHODS.md."""
+"""AHBF-OKD: recursive teacher assistants and their loss against docs/methods/ahbf.md."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""CL-ILR: mean-of-logits teacher with ONE's ramp, against METHODS.md."""
+"""CL-ILR: mean-of-logits teacher with ONE's ramp, against docs/methods/cl_ilr.md."""
 import torch
 
 from branchify.aggregators import Mean, PeerMean

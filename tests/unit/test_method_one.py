@@ -1,4 +1,4 @@
-"""ONE: the gate aggregator and its loss against METHODS.md, and who gets gradient."""
+"""ONE: the gate aggregator and its loss against docs/methods/one.md, and who gets gradient."""
 import torch
 
 from branchify.aggregators import Gate
