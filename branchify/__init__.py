@@ -17,6 +17,7 @@ from . import aggregators, methods, metrics, schedules, viz
 from .build import branchify
 from .cohort import Cohort
 from .contract import LeafModel
+from .errors import BranchifyError
 from .methods import available_methods, method
 from .model import BranchedModel
 from .online_kd import LossOutput, OnlineKD
@@ -27,6 +28,6 @@ from .surgery.tracing import Tracer, TraceError, trace
 
 __version__ = "0.2.0"
 
-__all__ = ["BranchedModel", "BranchedOutput", "Cohort", "INPUT", "LeafModel", "LossOutput", "OnlineKD", "Spec",
-           "SpecError", "Tracer", "TraceError", "aggregators", "available_methods", "branchify", "method",
-           "methods", "metrics", "schedules", "split_points", "trace", "viz"]
+__all__ = ["BranchedModel", "BranchedOutput", "BranchifyError", "Cohort", "INPUT", "LeafModel", "LossOutput",
+           "OnlineKD", "Spec", "SpecError", "Tracer", "TraceError", "aggregators", "available_methods", "branchify",
+           "method", "methods", "metrics", "schedules", "split_points", "trace", "viz"]

@@ -26,11 +26,12 @@ import torch
 from torch import nn
 
 from branchify.contract import LeafModel
+from branchify.errors import BranchifyError
 from branchify.outputs import BranchedOutput, classifier_logits
 from branchify.spec import INPUT, Spec
 
 
-class CohortError(ValueError):
+class CohortError(BranchifyError, ValueError):
     """Peers that cannot form a cohort, or an aggregator a cohort cannot serve (says what to change)."""
 
 

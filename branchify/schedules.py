@@ -4,8 +4,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from branchify.errors import BranchifyError
 
-class ScheduleError(ValueError):
+
+class ScheduleError(BranchifyError, ValueError):
     """A schedule was configured or queried inconsistently (names the argument to fix)."""
 
 

@@ -18,12 +18,13 @@ from torch.utils.data import Dataset
 
 from branchify.aggregators.accuracy_weighted import accuracy_weights  # noqa: F401  (MD's weight rule, re-exported)
 from branchify.cohort import call_peer, peer_logits
+from branchify.errors import BranchifyError
 
 _MIX = 1_000_003
 """Multiplier of the positional checksums (a prime; int64 arithmetic wraps deterministically)."""
 
 
-class SoftLabelError(ValueError):
+class SoftLabelError(BranchifyError, ValueError):
     """A loader or a set of soft labels that MD cannot use (says what the loader must yield)."""
 
 

@@ -20,6 +20,8 @@ from typing import Any, Union
 
 import networkx as nx
 
+from branchify.errors import BranchifyError
+
 INPUT = "<input>"
 """Split name meaning "cut at the model input": no shared trunk, whole-network peers (DML)."""
 
@@ -32,7 +34,7 @@ DEEPEN_INIT_CHOICES = ("identity", "standard")
 Fanout = Union[int, list]
 
 
-class SpecError(ValueError):
+class SpecError(BranchifyError, ValueError):
     """A spec that cannot describe a tree (raised at construction, before any model is seen)."""
 
 

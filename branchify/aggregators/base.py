@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from branchify.errors import BranchifyError
 from branchify.outputs import BranchedOutput, KDTerm, Targets  # noqa: F401  (KDTerm: re-exported for aggregators)
 
 
-class AggregatorError(ValueError):
+class AggregatorError(BranchifyError, ValueError):
     """An aggregator cannot be built or bound: names the missing size or the wrong input."""
 
 

@@ -10,12 +10,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from branchify.errors import BranchifyError
 from branchify.soft_labels import sequence_checksum
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-class DistributedError(RuntimeError):
+class DistributedError(BranchifyError, RuntimeError):
     """Ranks that disagree (peer count, classes, data, resume epoch) or a bad launch."""
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import torch
 
+from branchify.errors import BranchifyError
 from branchify.functional import cross_entropy, kl_div_probs
 from branchify.online_kd import LossOutput
 from branchify.schedules import IntervalPhase
 
 
-class MDError(ValueError):
+class MDError(BranchifyError, ValueError):
     """An MD run configured inconsistently (optimisers, loaders, checkpoints); says what to change."""
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..aggregators.base import Aggregator
 from ..build import branchify
+from ..errors import BranchifyError
 from ..online_kd import OnlineKD
 from ..spec import Spec
 
@@ -21,7 +22,7 @@ BRANCHIFY_OPTIONS = ("model_fn", "tracer", "feature_node", "batched")
 """Options every preset passes to :func:`branchify.branchify` instead of its builder."""
 
 
-class MethodError(ValueError):
+class MethodError(BranchifyError, ValueError):
     """Unknown method name, unknown or invalid override, or a model the method cannot be built on."""
 
 

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import BranchifyError
 from .config import RunConfig
 
 FORMAT = "branchify-checkpoint"
@@ -52,7 +53,7 @@ _KEYS = ("format", "version", "config", "method", "seed", "epoch", "model", "opt
          "rng", "history", "train_seconds")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(BranchifyError, RuntimeError):
     """A checkpoint that cannot be read, is incomplete, or belongs to another run."""
 
 

@@ -34,11 +34,12 @@ import torch.distributed as dist
 from torch import nn
 
 from branchify.distributed import comm_device, init_from_env, is_distributed, launched_by_torchrun
+from branchify.errors import BranchifyError
 
 T = TypeVar("T")
 
 
-class RankFailed(RuntimeError):
+class RankFailed(BranchifyError, RuntimeError):
     """Raised on the other ranks when rank 0 failed inside :func:`on_main` (its message included)."""
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from branchify.errors import BranchifyError
 from branchify.methods import MethodError, available_methods, get_preset, nearest
 
 from .config import RunConfig
@@ -25,7 +26,7 @@ from .data import DATASETS
 from .zoo import MODELS
 
 
-class PreflightError(ValueError):
+class PreflightError(BranchifyError, ValueError):
     """Everything wrong with a planned comparison, one problem per line."""
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ..errors import BranchifyError
 from .checkpoint import RESUME_MAY_CHANGE, atomic_write_text, config_differences
 from .config import RunConfig
 
@@ -36,7 +37,7 @@ RUN_FILE = "run.json"
 OUTPUTS = (RUN_FILE, "log.jsonl", "results.json", "summary.md", "checkpoints", "exported")
 
 
-class RunDirError(ValueError):
+class RunDirError(BranchifyError, ValueError):
     """An output directory that holds another run, or a resume that does not match its run."""
 
 

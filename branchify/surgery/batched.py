@@ -44,6 +44,7 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..autograd import scale_grad
+from ..errors import BranchifyError
 from .stacking import stack_replicas, write_back
 from .vmap_batchnorm import vmap_template
 
@@ -59,7 +60,7 @@ AUTO_DEVICES = ("cuda",)
 convolutions measured no faster than the loop (``benchmarks/speed.py``), so CPU keeps the loop."""
 
 
-class NotBatchable(RuntimeError):
+class NotBatchable(BranchifyError, RuntimeError):
     """A group cannot run batched in this call (``permanent`` if it never will)."""
 
     def __init__(self, message: str, permanent: bool = True) -> None:

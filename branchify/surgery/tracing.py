@@ -8,11 +8,12 @@ from typing import Any, Callable, Iterable, Sequence
 import torch.fx as fx
 from torch import nn
 
+from ..errors import BranchifyError
 from ..registry import plugin_tracer
 from .training_mode import follow_training_mode
 
 
-class TraceError(RuntimeError):
+class TraceError(BranchifyError, RuntimeError):
     """torch.fx could not trace the model; the message names the module/function and the fix."""
 
 

@@ -151,3 +151,49 @@ def test_no_reference_to_documents_outside_the_repository():
     bad = [f"{p.relative_to(ROOT.parent)}: {needle}" for p in files if p.is_file()
            for needle in OUTSIDE_DOCUMENTS if needle in p.read_text(errors="replace")]
     assert not bad, f"formulas and sources belong inside the repository (docs/methods/), found: {bad}"
+
+
+def _exception_classes() -> dict[str, tuple[str, list[str]]]:
+    """Every class the package defines whose bases (transitively, by name) include a builtin
+    exception: ``{name: (module, base names)}``."""
+    import builtins
+
+    builtin_errors = {n for n, v in vars(builtins).items() if isinstance(v, type) and issubclass(v, BaseException)}
+    classes: dict[str, tuple[str, list[str]]] = {}
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                bases = [b.attr if isinstance(b, ast.Attribute) else getattr(b, "id", "") for b in node.bases]
+                classes[node.name] = (module, bases)
+    errors = dict.fromkeys(builtin_errors)
+    changed = True
+    while changed:  # fixed point: a class is an exception when one of its bases is
+        changed = False
+        for name, (_, bases) in classes.items():
+            if name not in errors and any(b in errors for b in bases):
+                errors[name] = None
+                changed = True
+    return {n: classes[n] for n in errors if n in classes}
+
+
+def test_every_exception_derives_from_branchify_error():
+    found = _exception_classes()
+    assert {"SpecError", "TraceError", "MethodError", "RankFailed", "HFTracerError"} <= set(found), sorted(found)
+
+    def derives(name: str) -> bool:
+        if name == "BranchifyError":
+            return True
+        return name in found and any(derives(b) for b in found[name][1])
+
+    bad = [f"{module}.{name}" for name, (module, _) in found.items() if not derives(name)]
+    assert not bad, f"exceptions that do not derive from branchify.errors.BranchifyError: {bad}"
+
+
+def test_errors_keep_their_builtin_base():
+    import branchify as bf
+    from branchify.methods import MethodError
+
+    assert issubclass(bf.SpecError, ValueError) and issubclass(bf.SpecError, bf.BranchifyError)
+    assert issubclass(bf.TraceError, RuntimeError) and issubclass(MethodError, ValueError)
+    with pytest.raises(bf.BranchifyError, match="unknown"):
+        bf.method("no_such_method", __import__("torch").nn.Linear(2, 2))
