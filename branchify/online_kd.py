@@ -11,6 +11,7 @@ from .contract import LeafModel, no_autocast
 from .functional import cross_entropy, kl_div_logits, kl_div_mixture, valid_mask
 from .outputs import BranchedOutput, KDTerm, Targets, classifier_logits
 from .schedules import Constant, Schedule, as_schedule
+from .token_chunks import check_token_chunk, chunked_terms, count_distinct, resolve_chunk
 from .validation import check_labels
 
 
@@ -89,6 +90,13 @@ class OnlineKD:
             eval mode with ``requires_grad=False`` and run under ``no_grad`` on ``inputs``.
         teacher_weight: weight of the external teacher's KD terms (not ramped).
         teacher_temperature: T for the external teacher (default: ``temperature``).
+        token_chunk: how token-level CE and KD terms are computed: ``"auto"`` (default) computes
+            them in chunks of tokens (:mod:`branchify.token_chunks`: same values and gradients,
+            no vocabulary-sized temporaries for all tokens at once) when the labels are
+            token-level and positions x vocabulary x logits tensors reach
+            :data:`~branchify.token_chunks.AUTO_MIN_ELEMENTS`; an int chunks with that many
+            tokens per chunk; ``None`` never chunks. Classification labels ``[B]`` are chunked
+            only with an explicit int.
 
     Example:
         >>> okd = OnlineKD(model, Gate(), temperature=3.0, ramp=80 / 300)    # doctest: +SKIP
@@ -99,7 +107,7 @@ class OnlineKD:
     def __init__(self, model: Any, aggregator: Any = None, *, temperature: float = 3.0,
                  ce_weight: float = 1.0, kd_weight: float = 1.0, ramp: Schedule | int | float | None = None,
                  detach: bool | None = None, teacher: nn.Module | None = None, teacher_weight: float = 1.0,
-                 teacher_temperature: float | None = None) -> None:
+                 teacher_temperature: float | None = None, token_chunk: int | str | None = "auto") -> None:
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if teacher_temperature is not None and not teacher_temperature > 0:
@@ -109,6 +117,7 @@ class OnlineKD:
         if teacher is not None and teacher is model:
             raise ValueError("teacher is the branched model itself; pass a separate pre-trained model")
         leaf_model = _leaf_model(model)
+        self.token_chunk = check_token_chunk(token_chunk)
         schedule = as_schedule(ramp)  # validated before the model is touched
         if aggregator is not None:
             leaf_model.attach(aggregator)
@@ -258,20 +267,23 @@ class OnlineKD:
     def _loss(self, out: BranchedOutput, targets: Targets, y: torch.Tensor, inputs: Any) -> LossOutput:
         parts: dict[str, torch.Tensor] = {}
         mask = valid_mask(y, out.logits[0])
+        chunked = self._chunked(out, targets, y)
+        ce_values = iter(chunked.ce) if chunked is not None else None
+        kd_values = iter(chunked.kd) if chunked is not None else None
         ce_total = out.logits[0].new_zeros((), dtype=torch.float32)
         for k, z in enumerate(out.logits):
-            ce = cross_entropy(z, y)
+            ce = next(ce_values) if ce_values is not None else cross_entropy(z, y)
             parts[f"ce/leaf{k}"] = ce
             ce_total = ce_total + ce
         for name, z in targets.ce.items():
-            ce = cross_entropy(z, y)
+            ce = next(ce_values) if ce_values is not None else cross_entropy(z, y)
             parts[f"ce/{name}"] = ce
             ce_total = ce_total + ce
         total = self.ce_weight * ce_total
         parts["loss/ce"] = total
         kd_total = out.logits[0].new_zeros((), dtype=torch.float32)
         for term in targets.kd:
-            kl = self.term_loss(term, mask)
+            kl = next(kd_values) if kd_values is not None and not term.is_mixture else self.term_loss(term, mask)
             parts[f"kd/{term.name}"] = kl
             kd_total = kd_total + term.weight * kl
         if targets.kd:
@@ -290,6 +302,17 @@ class OnlineKD:
             parts["loss/ext"] = ext_total
             total = total + ext_total
         return LossOutput(total=total, parts={k: v.detach() for k, v in parts.items()})
+
+    def _chunked(self, out: BranchedOutput, targets: Targets, y: torch.Tensor) -> Any:
+        """The CE and (non-mixture) KD term values computed in token chunks, or ``None`` (unchunked)."""
+        plain = [t for t in targets.kd if not t.is_mixture]
+        tensors = count_distinct([*out.logits, *targets.ce.values(), *(t.teacher for t in plain)])
+        chunk = resolve_chunk(getattr(self, "token_chunk", "auto"), y, out.logits[0].shape[-1], tensors)
+        if chunk is None:
+            return None
+        return chunked_terms(out.logits, list(targets.ce.values()),
+                             [(t.teacher, t.student, self._detach_of(t)) for t in plain], y,
+                             temperature=self.temperature, chunk=chunk)
 
     def _external(self, out: BranchedOutput, inputs: Any, mask: torch.Tensor | None,
                   parts: dict[str, torch.Tensor]) -> torch.Tensor:
