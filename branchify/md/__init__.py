@@ -29,7 +29,7 @@ Soft labels are read per batch by **training-sample index**: the training loader
 ``DataLoader(IndexedDataset(dataset))``), and the soft-label loader is a second loader over the
 same training set without augmentation.
 
-Example:
+Examples:
     >>> cohort = Cohort([resnet20(10, 1), mobilenetv2(10, 1)])                      # doctest: +SKIP
     >>> opts = [torch.optim.SGD(cohort.peer_parameters(i), lr=0.05) for i in range(2)]  # doctest: +SKIP
     >>> trainer = MDTrainer(cohort, opts, train_loader, soft_label_loader=plain_loader,   # doctest: +SKIP
@@ -37,7 +37,6 @@ Example:
     >>> history = trainer.fit(epochs=80)                                                 # doctest: +SKIP
 """
 from branchify.md.loss import MDError, md_loss
-from branchify.md.rng import _PeerRNG
 from branchify.md.trainer import CHECKPOINT_FORMAT, MDTrainer
 
-__all__ = ["CHECKPOINT_FORMAT", "MDError", "MDTrainer", "_PeerRNG", "md_loss"]
+__all__ = ["CHECKPOINT_FORMAT", "MDError", "MDTrainer", "md_loss"]

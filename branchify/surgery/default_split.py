@@ -12,7 +12,7 @@ DML with a trunk) is cut at block ``ceil(2n/3)`` - the last stage of a 3- or 4-s
 ``k = 1..L`` - ``ceil(n/3)`` and ``ceil(2n/3)`` for two (0-based, at least 1, at most ``n - 1``). A model without such a group is cut among its top-level
 children by the same fractions.
 
-Example:
+Examples:
     >>> default_splits(torchvision.models.resnet18(), levels=2).splits      # doctest: +SKIP
     ['layer3', 'layer4']
 """
@@ -96,7 +96,14 @@ def find_body(model: nn.Module, executed: list[str]) -> tuple[str, list[str]]:
     return "", [p for p, _ in _executed_children(model, "", executed)]
 
 
-def _pick(blocks: list[str], levels: int) -> list[str]:
+def pick_blocks(blocks: list[str], levels: int) -> list[str]:
+    """The default rule's choice among a body's ``blocks`` (in execution order): one level cuts at
+    block ``ceil(2n/3)``, ``L`` levels at ``ceil(k n/(L+1))`` for ``k = 1..L`` (never the first block).
+
+    Examples:
+        >>> pick_blocks([f"layer.{i}" for i in range(12)], 1), pick_blocks([f"b{i}" for i in range(6)], 2)
+        (['layer.8'], ['b2', 'b4'])
+    """
     n = len(blocks)
     fractions = [2 / 3] if levels == 1 else [k / (levels + 1) for k in range(1, levels + 1)]
     idx = [min(max(math.ceil(f * n), 1), n - 1) for f in fractions]
@@ -118,7 +125,7 @@ def default_splits(model: nn.Module, levels: int = 1, tracer: fx.Tracer | None =
         raise ValueError(f"cannot choose a default split for {type(model).__name__}: its body "
                          f"{body or '(top level)'!r} has {len(blocks)} block(s) {blocks}, too few for a "
                          f"{levels}-level tree")
-    splits = _pick(blocks, levels)
+    splits = pick_blocks(blocks, levels)
     where = f"'{body}'" if body else "the top level"
     reason = (f"default split {splits}: the body {where} has {len(blocks)} blocks ({blocks[0]} .. {blocks[-1]}); "
               f"{'one level cuts at block ceil(2n/3)' if levels == 1 else 'two levels cut at ceil(n/3), ceil(2n/3)'}")

@@ -182,7 +182,7 @@ def test_stratified_subset_rejects_uneven_or_too_large():
 
 
 def test_real_fashion_mnist_if_installed():
-    folder, reason = data._fashion_mnist_dir(data.SYSTEM_FASHION_MNIST_DIR)
+    folder, reason = data.sources._fashion_mnist_dir(data.SYSTEM_FASHION_MNIST_DIR)
     if folder is None:
         pytest.skip(f"Fashion-MNIST not installed: {data.SYSTEM_FASHION_MNIST_DIR} {reason}")
     x, y, xt, yt = load_fashion_mnist(folder)

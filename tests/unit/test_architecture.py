@@ -197,3 +197,33 @@ def test_errors_keep_their_builtin_base():
     assert issubclass(bf.TraceError, RuntimeError) and issubclass(MethodError, ValueError)
     with pytest.raises(bf.BranchifyError, match="unknown"):
         bf.method("no_such_method", __import__("torch").nn.Linear(2, 2))
+
+
+def _all_names(path: Path) -> list[str]:
+    """The string entries of every ``__all__ = [...]`` / ``__all__ += [...]`` in a module."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, (ast.AugAssign, ast.AnnAssign)) else []
+        if any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets) and node.value is not None:
+            names += [e.value for e in ast.walk(node.value) if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+    return names
+
+
+def test_no_private_name_in_any_all():
+    exported = {module: _all_names(path) for module, path in MODULES.items()}
+    assert sum(map(len, exported.values())) > 50, "found almost no __all__: is the parser broken?"
+    bad = [f"{module}: {name}" for module, names in exported.items() for name in names if name.startswith("_")]
+    assert not bad, f"private names in __all__ (rename them public or drop them): {bad}"
+
+
+def test_integrations_import_no_core_private_name():
+    bad = []
+    for module, path in MODULES.items():
+        if not module.startswith("branchify.integrations"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("branchify") \
+                    and not node.module.startswith("branchify.integrations"):
+                bad += [f"{module}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert not bad, f"integrations importing core private names (give them a public home): {bad}"

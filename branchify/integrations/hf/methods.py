@@ -18,8 +18,7 @@ from torch import nn
 from branchify.build import branchify
 from branchify.methods import resolve
 from branchify.online_kd import OnlineKD
-from branchify.surgery.default_split import _pick as pick_blocks  # the generic rule's block choice
-from branchify.surgery.default_split import default_splits
+from branchify.surgery.default_split import default_splits, pick_blocks
 
 from .leaves import coarse_leaf_paths
 from .tracer import HFTracer
