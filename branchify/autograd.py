@@ -20,7 +20,7 @@ class _ScaleGrad(torch.autograd.Function):
 def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
     """Identity in the forward pass, ``scale * grad`` in the backward pass (CL-ILR).
 
-    Example:
+    Examples:
         >>> x = torch.ones(2, requires_grad=True)
         >>> scale_grad(x, 0.25).sum().backward(); x.grad
         tensor([0.2500, 0.2500])

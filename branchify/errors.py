@@ -14,7 +14,7 @@ __all__ = ["BranchifyError"]
 class BranchifyError(Exception):
     """Base of every exception branchify defines (``SpecError``, ``MethodError``, ``TraceError``, ...).
 
-    Example:
+    Examples:
         >>> import branchify as bf
         >>> try:
         ...     bf.Spec(splits=["layer4"], fanout=[0])

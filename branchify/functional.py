@@ -24,7 +24,7 @@ def valid_mask(labels: torch.Tensor | None, logits: torch.Tensor,
                ignore_index: int = IGNORE_INDEX) -> torch.Tensor | None:
     """Boolean mask over ``logits.shape[:-1]`` of the positions that count, or ``None`` (all count).
 
-    Example:
+    Examples:
         >>> valid_mask(torch.tensor([[1, -100]]), torch.zeros(1, 2, 5))
         tensor([[ True, False]])
     """
@@ -50,7 +50,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
 
     Averaged over positions whose label is not ``ignore_index`` (0 when there are none).
 
-    Example:
+    Examples:
         >>> float(cross_entropy(torch.zeros(2, 4), torch.tensor([0, 3])))  # log(4)
         1.3862943649291992
     """
@@ -68,7 +68,7 @@ def kl_div_log_probs(teacher_log_probs: torch.Tensor, student_log_probs: torch.T
     ``t_c = exp(log t_c)`` is exactly 0 only where ``log t_c = -inf``; those entries are
     defined as 0 (the ``0 log 0`` convention) instead of producing NaN.
 
-    Example:
+    Examples:
         >>> lp = torch.log_softmax(torch.randn(3, 5), dim=-1)
         >>> float(kl_div_log_probs(lp, lp))
         0.0
@@ -84,7 +84,7 @@ def kl_div_logits(teacher_logits: torch.Tensor, student_logits: torch.Tensor, T:
                   mask: torch.Tensor | None = None) -> torch.Tensor:
     """``T^2 * KL(softmax(t/T) || softmax(s/T))``, batchmean (or mean over unmasked positions).
 
-    Example:
+    Examples:
         >>> z = torch.randn(4, 10)
         >>> float(kl_div_logits(z, z, T=3.0))
         0.0
@@ -101,7 +101,7 @@ def mixture_log_probs(component_logits: torch.Tensor, log_weights: torch.Tensor,
         component_logits: ``[K, B, ..., C]``.
         log_weights: ``[K]`` or ``[K, B, ...]`` log mixture weights (normalised).
 
-    Example:
+    Examples:
         >>> z = torch.randn(2, 3, 5)
         >>> mix = mixture_log_probs(z, torch.log(torch.tensor([0.5, 0.5])), T=2.0)
         >>> torch.allclose(mix.exp(), torch.softmax(z / 2, -1).mean(0))
@@ -117,7 +117,7 @@ def kl_div_mixture(component_logits: torch.Tensor, log_weights: torch.Tensor, st
                    T: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
     """``T^2 * KL(sum_k w_k softmax(z_k/T) || softmax(s/T))`` (a teacher that mixes probabilities).
 
-    Example:
+    Examples:
         >>> z = torch.randn(1, 4, 10).expand(3, 4, 10)
         >>> float(kl_div_mixture(z, torch.log(torch.full((3,), 1 / 3)), z[0], T=3.0)) < 1e-6
         True
@@ -134,7 +134,7 @@ def kl_div_probs(teacher_probs: torch.Tensor, student_logits: torch.Tensor, T: f
     ``p`` must already be softened at the temperature the caller wants; zero entries
     contribute 0 (``xlogy``), so no epsilon is needed.
 
-    Example:
+    Examples:
         >>> z = torch.randn(4, 10)
         >>> float(kl_div_probs(torch.softmax(z / 3, -1), z, T=3.0)) < 1e-6
         True

@@ -41,7 +41,7 @@ def _accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
 def leaf_accuracies(out: Logits, labels: torch.Tensor) -> list[float]:
     """Top-1 accuracy of every leaf, in leaf order.
 
-    Example:
+    Examples:
         >>> z = [torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]])]
         >>> leaf_accuracies(z, torch.tensor([0]))
         [1.0, 0.0]
@@ -53,7 +53,7 @@ def leaf_accuracies(out: Logits, labels: torch.Tensor) -> list[float]:
 def ensemble_probs(out: Logits, leaves: Sequence[int] | None = None) -> torch.Tensor:
     """Plain mean of the leaves' softmax probabilities (the -E deployment of ONE/TSA).
 
-    Example:
+    Examples:
         >>> ensemble_probs([torch.zeros(1, 4), torch.zeros(1, 4)])
         tensor([[0.2500, 0.2500, 0.2500, 0.2500]])
     """
@@ -64,7 +64,7 @@ def ensemble_probs(out: Logits, leaves: Sequence[int] | None = None) -> torch.Te
 def ensemble_accuracy(out: Logits, labels: torch.Tensor, leaves: Sequence[int] | None = None) -> float:
     """Top-1 accuracy of the mean of the leaves' probabilities (optionally over a subset of leaves).
 
-    Example:
+    Examples:
         >>> z = [torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 1.0]])]
         >>> ensemble_accuracy(z, torch.tensor([0]))
         1.0
@@ -81,7 +81,7 @@ def peer_diversity(out: Logits, leaves: Sequence[int] | None = None, labels: tor
     skipped when ``labels`` is given). OKDDip reports it over the auxiliary peers only: pass
     ``leaves=`` without the leader for that.
 
-    Example:
+    Examples:
         >>> peer_diversity([torch.tensor([[10.0, -10.0]]), torch.tensor([[-10.0, 10.0]])])  # doctest: +ELLIPSIS
         1.414...
     """

@@ -98,7 +98,7 @@ class OnlineKD:
             tokens per chunk; ``None`` never chunks. Classification labels ``[B]`` are chunked
             only with an explicit int.
 
-    Example:
+    Examples:
         >>> okd = OnlineKD(model, Gate(), temperature=3.0, ramp=80 / 300)    # doctest: +SKIP
         >>> okd.set_epoch(epoch, epochs)                                       # doctest: +SKIP
         >>> loss = okd(model(x), y); loss.total.backward(); loss.parts["kd/leaf0"]  # doctest: +SKIP
@@ -146,7 +146,7 @@ class OnlineKD:
     def set_epoch(self, epoch: float, total_epochs: int | None = None) -> None:
         """Tell the loss the current epoch (from 0) and the run length (for relative ramps).
 
-        Example:
+        Examples:
             >>> okd.set_epoch(0, 300)    # doctest: +SKIP
         """
         if epoch < 0:
@@ -163,7 +163,7 @@ class OnlineKD:
 
         Gives a ramp that moves every step instead of once per epoch.
 
-        Example:
+        Examples:
             >>> okd.set_step(global_step, len(loader), total_epochs=epochs)   # doctest: +SKIP
         """
         if steps_per_epoch < 1:
@@ -194,7 +194,7 @@ class OnlineKD:
     def state_dict(self) -> dict[str, Any]:
         """The schedule position (what a resumed run needs to continue the ramp).
 
-        Example:
+        Examples:
             >>> torch.save({"model": model.state_dict(), "okd": okd.state_dict()}, path)   # doctest: +SKIP
         """
         return {"epoch": self.epoch, "total_epochs": self.total_epochs}
@@ -228,7 +228,7 @@ class OnlineKD:
         Useful to inspect or test one term on its own (``weight``, ramp and ``kd_weight`` are not
         applied). ``mask`` marks the positions that count (see :func:`branchify.functional.valid_mask`).
 
-        Example:
+        Examples:
             >>> term = model(x).targets.kd[0]; okd.term_loss(term)     # doctest: +SKIP
         """
         detach = self._detach_of(term)

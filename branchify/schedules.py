@@ -25,7 +25,7 @@ class Schedule:
 class Constant(Schedule):
     """A constant weight (no ramp).
 
-    Example:
+    Examples:
         >>> Constant(0.5)(epoch=10)
         0.5
     """
@@ -43,7 +43,7 @@ class Constant(Schedule):
 def sigmoid_rampup(epoch: float, length: float) -> float:
     """``exp(-5 (1 - e/L)^2)`` for ``e < L``, else 1 (Laine & Aila's ramp, as in ONE/OKDDip/AHBF).
 
-    Example:
+    Examples:
         >>> round(sigmoid_rampup(0, 80), 4), sigmoid_rampup(80, 80)
         (0.0067, 1.0)
     """
@@ -61,7 +61,7 @@ class SigmoidRampUp(Schedule):
     ``fraction=1.0``: AHBF's ramp over the whole run). A fractional length needs
     ``total_epochs`` when queried.
 
-    Example:
+    Examples:
         >>> ramp = SigmoidRampUp(fraction=80 / 300)
         >>> round(ramp(0, total_epochs=300), 4), ramp(80, total_epochs=300)
         (0.0067, 1.0)
@@ -104,7 +104,7 @@ def as_schedule(ramp: "Schedule | int | float | None") -> Schedule:
     ``float`` in (0, 1] -> sigmoid ramp over that fraction of the run; a :class:`Schedule`
     is used as is.
 
-    Example:
+    Examples:
         >>> as_schedule(80), as_schedule(0.25), as_schedule(None)
         (SigmoidRampUp(epochs=80), SigmoidRampUp(fraction=0.25), Constant(1.0))
     """
@@ -166,7 +166,7 @@ class IntervalSchedule:
         distill: ``T_d``, distillation epochs per cycle (>= 1).
         gradual: gradual weights (default) or the fixed ``alpha=1, beta=2`` ablation.
 
-    Example:
+    Examples:
         >>> s = IntervalSchedule(independent=10, distill=30)
         >>> s(5).phase, s(10).alpha, s(25).beta, s(40).phase
         ('independent', 1.0, 1.5, 'independent')

@@ -3,8 +3,9 @@ accuracy-weighted combination.
 
 Soft labels are stored as one ``[N, C]`` table per peer, row ``i`` = training sample ``i``, so a
 distillation batch reads its targets with the sample indices its loader yields. The loaders
-therefore yield ``(inputs, labels, indices)``: a loader that also yields each sample's index (``IndexedDataset`` below, or the recipes' ``TensorLoader(..., with_index=True)``)
-or ``DataLoader(IndexedDataset(dataset))``.
+therefore yield ``(inputs, labels, indices)``: a loader that also yields each sample's index
+(``IndexedDataset`` below, or the recipes' ``TensorLoader(..., with_index=True)``) or
+``DataLoader(IndexedDataset(dataset))``.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ class SoftLabelError(BranchifyError, ValueError):
 class IndexedDataset(Dataset):
     """Wraps a map-style dataset so each item also carries its index: ``(x, y) -> (x, y, i)``.
 
-    Example:
+    Examples:
         >>> ds = IndexedDataset([(torch.zeros(2), 1), (torch.ones(2), 0)])
         >>> ds[1][2], len(ds)
         (1, 2)
@@ -54,7 +55,7 @@ def split_batch(batch: Any, *, need_index: bool = True) -> tuple[tuple, dict, to
     ``inputs`` is a tensor (one positional input), a tuple (positional inputs) or a dict
     (keyword inputs).
 
-    Example:
+    Examples:
         >>> args, kwargs, y, idx = split_batch((torch.zeros(2, 3), torch.tensor([0, 1]), torch.tensor([5, 9])))
         >>> len(args), idx.tolist()
         (1, [5, 9])
@@ -100,7 +101,7 @@ def sequence_checksum(*tensors: torch.Tensor) -> torch.Tensor:
     Equal sequences give equal checksums on every device; a different order, value or length
     almost surely does not. Used to verify that ranks see the same samples.
 
-    Example:
+    Examples:
         >>> a, b = torch.tensor([3, 1, 2]), torch.tensor([1, 3, 2])
         >>> int(sequence_checksum(a)) == int(sequence_checksum(a.clone()))
         True
@@ -146,7 +147,7 @@ def compute_soft_labels(net: nn.Module, loader: Iterable, num_samples: int, temp
     ``num_samples`` samples exactly once (no ``drop_last``); the order does not matter. The net's
     train/eval mode is restored afterwards.
 
-    Example:
+    Examples:
         >>> net = nn.Linear(4, 3)
         >>> data = [(torch.randn(5, 4), torch.zeros(5, dtype=torch.long), torch.arange(5))]
         >>> sl = compute_soft_labels(net, data, num_samples=5)
@@ -196,7 +197,7 @@ def weighted_sum(probs: Sequence[torch.Tensor], weights: Sequence[float]) -> tor
     """``sum_i w_i * probs_i``, accumulated in list order from zeros (the order a collective sum
     over ranks reproduces exactly for two peers, and to rounding for more).
 
-    Example:
+    Examples:
         >>> weighted_sum([torch.ones(2, 2), torch.zeros(2, 2)], [0.25, 0.75])
         tensor([[0.2500, 0.2500],
                 [0.2500, 0.2500]])

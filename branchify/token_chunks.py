@@ -25,7 +25,7 @@ teacher logits, and their gradients. Mixture teachers (``KDTerm.teacher_log_weig
 external teacher keep the unchunked path. There are no collectives inside: under DDP each rank
 computes its own chunks, exactly as the unchunked loss does.
 
-Example:
+Examples:
     >>> z = [torch.randn(2, 5, 11, requires_grad=True) for _ in range(2)]
     >>> y = torch.randint(0, 11, (2, 5))
     >>> r = chunked_terms(z, [], [(z[1], z[0], False)], y, temperature=2.0, chunk=3)
@@ -61,7 +61,7 @@ class TokenChunkError(BranchifyError, ValueError):
 def check_token_chunk(value: int | str | None) -> int | str | None:
     """Validate an ``OnlineKD(token_chunk=...)`` setting and return it.
 
-    Example:
+    Examples:
         >>> check_token_chunk("auto"), check_token_chunk(512), check_token_chunk(None)
         ('auto', 512, None)
     """
@@ -79,7 +79,7 @@ def resolve_chunk(setting: int | str | None, labels: torch.Tensor, vocab: int, t
     ``"auto"`` chunks only token-level labels (``[B, L]``, never ``[B]`` classification) when
     ``positions * vocab * tensors >= AUTO_MIN_ELEMENTS``.
 
-    Example:
+    Examples:
         >>> resolve_chunk("auto", torch.zeros(1, 4096, dtype=torch.long), 152064, 4)
         27
         >>> resolve_chunk("auto", torch.zeros(128, dtype=torch.long), 1000, 4) is None
@@ -174,7 +174,7 @@ class ChunkedTokenLoss(torch.autograd.Function):
     over the positions whose label is not -100 (0 when there are none), as in
     :mod:`branchify.functional`. Use it through :func:`chunked_terms`.
 
-    Example:
+    Examples:
         >>> z = torch.randn(1, 6, 9, requires_grad=True); y = torch.randint(0, 9, (1, 6))
         >>> ChunkedTokenLoss.apply(y, 1.0, (0,), (), 4, z).shape
         torch.Size([1])
@@ -251,7 +251,7 @@ def _index(distinct: list[torch.Tensor], t: torch.Tensor) -> int:
 def count_distinct(tensors: Sequence[torch.Tensor]) -> int:
     """How many different tensor objects ``tensors`` holds (a DML peer is a student and a teacher).
 
-    Example:
+    Examples:
         >>> z = torch.zeros(2)
         >>> count_distinct([z, z, torch.ones(2)])
         2
@@ -273,7 +273,7 @@ def chunked_terms(ce_logits: Sequence[torch.Tensor], extra_ce: Sequence[torch.Te
     gradients; a detached teacher receives none from its term. A tensor used in several roles
     (a DML peer is a student and a teacher) is read once per chunk.
 
-    Example:
+    Examples:
         >>> z = [torch.randn(1, 7, 5, requires_grad=True) for _ in range(3)]
         >>> t = sum(z) / 3
         >>> r = chunked_terms(z, [t], [(t, zk, True) for zk in z], torch.randint(0, 5, (1, 7)),

@@ -15,12 +15,12 @@ def check_labels(y: torch.Tensor, logits: torch.Tensor, ignore_index: int = IGNO
     step; there an out-of-range label fails inside the cross-entropy instead). An empty batch is
     an error: its mean loss is undefined.
 
-    Example:
+    Examples:
         >>> check_labels(torch.tensor([0, 2]), torch.zeros(2, 3))
-        >>> check_labels(torch.tensor([0.0, 2.0]), torch.zeros(2, 3))
+        >>> check_labels(torch.tensor([0.0, 2.0]), torch.zeros(2, 3))  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: labels must be class indices in an integer tensor (e.g. torch.long), got dtype torch.float32; soft or one-hot labels are not supported - pass y.argmax(-1) for one-hot labels, or y.long() if the floats are whole class numbers
+        ValueError: labels must be class indices in an integer tensor (e.g. torch.long), got dtype torch.float32; ...
     """
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"labels must be a tensor of class indices, got {type(y).__name__}")

@@ -39,7 +39,7 @@ def tree_layout(spec: Spec) -> dict[tuple[int, ...], tuple[float, float]]:
 def draw_tree(spec: Spec, ax: Any = None, title: str | None = None) -> Any:
     """Draw the tree a spec describes: trunk at the top, leaves at the bottom, target marked.
 
-    Example:
+    Examples:
         >>> ax = draw_tree(Spec(splits=["layer3", "layer4"], fanout=[2, [3, 1]]))   # doctest: +SKIP
     """
     plt = _plt()

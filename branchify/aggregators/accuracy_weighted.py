@@ -16,7 +16,7 @@ def accuracy_weights(accuracies: Sequence[float]) -> list[float]:
     All-zero accuracies (e.g. untrained peers on a tiny set) give equal weights - the limit of
     the formula when every peer is equally (in)accurate.
 
-    Example:
+    Examples:
         >>> accuracy_weights([60.0, 30.0, 10.0])
         [0.6, 0.3, 0.1]
         >>> accuracy_weights([0, 0])
@@ -57,7 +57,7 @@ class AccuracyWeighted(Aggregator):
         accuracies: one accuracy (any non-negative scale) per leaf.
         detach: default detach rule of the KD terms.
 
-    Example:
+    Examples:
         >>> from branchify.outputs import BranchedOutput
         >>> agg = AccuracyWeighted([0.7, 0.6, 0.5])
         >>> agg.weights

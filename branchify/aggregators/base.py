@@ -115,7 +115,7 @@ def pool(x: torch.Tensor, channels: int | None = None) -> torch.Tensor:
     global average pooling); for 3-D it is the last (``[B, L, C]`` token sequences, mean over
     tokens). ``channels`` resolves the other layout when it does not match.
 
-    Example:
+    Examples:
         >>> pool(torch.ones(2, 8, 4, 4)).shape
         torch.Size([2, 8])
     """

@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from branchify.aggregators.base import (Aggregator, AggregatorError, KDTerm, Targets, _model_attr, pool,
-                                        require_size)
+from branchify.aggregators.base import Aggregator, AggregatorError, KDTerm, Targets, _model_attr, pool, require_size
 from branchify.outputs import BranchedOutput
 
 
@@ -31,7 +30,7 @@ class Gate(Aggregator):
         cut: tree path of the activation the gate reads (``()`` = trunk output).
         detach: default detach rule of the KD terms.
 
-    Example:
+    Examples:
         >>> from branchify.outputs import BranchedOutput
         >>> gate = Gate(channels=16, num_leaves=3)
         >>> out = BranchedOutput([torch.randn(4, 10) for _ in range(3)], [None] * 3, [None] * 3,

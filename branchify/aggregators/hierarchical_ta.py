@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from branchify.aggregators.base import (Aggregator, AggregatorError, KDTerm, Targets, _model_attr,
-                                        require_size)
+from branchify.aggregators.base import Aggregator, AggregatorError, KDTerm, Targets, _model_attr, require_size
 from branchify.aggregators.gate import _per_sample
 from branchify.outputs import BranchedOutput
 
@@ -63,7 +62,7 @@ class HierarchicalTA(Aggregator):
         own_ta: add the authors'-code term ``lambda1 * KL(p_ta(m) || p_m)``.
         detach: default detach rule of the KD terms.
 
-    Example:
+    Examples:
         >>> from branchify.outputs import BranchedOutput
         >>> ahbf = HierarchicalTA(channels=8, num_leaves=3)
         >>> out = BranchedOutput([torch.randn(4, 10) for _ in range(3)], [None] * 3,

@@ -17,7 +17,7 @@ class Mean(Aggregator):
     Args:
         detach: default detach rule of the KD terms.
 
-    Example:
+    Examples:
         >>> from branchify.outputs import BranchedOutput
         >>> z = [torch.randn(4, 10) for _ in range(3)]
         >>> t = Mean()(BranchedOutput(z, [None] * 3, [None] * 3))

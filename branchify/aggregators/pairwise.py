@@ -17,7 +17,7 @@ class Pairwise(Aggregator):
     Args:
         detach: default detach rule of the KD terms.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from branchify.outputs import BranchedOutput
         >>> z = [torch.randn(4, 10) for _ in range(2)]

@@ -26,7 +26,7 @@ class PeerMean(Aggregator):
     Args:
         detach: default detach rule of the KD terms.
 
-    Example:
+    Examples:
         >>> from branchify.outputs import BranchedOutput
         >>> z = [torch.full((1, 2), float(v)) for v in (0, 3, 6)]
         >>> [t.teacher[0, 0].item() for t in PeerMean()(BranchedOutput(z, [None] * 3, [None] * 3)).kd]

@@ -11,8 +11,7 @@ from torch import nn
 
 from branchify.cohort import Cohort, CohortError, check_aggregator
 from branchify.contract import LeafModel
-from branchify.distributed.env import (DistributedError, check_same, comm_device, gather_objects,
-                                       tensor_fingerprint)
+from branchify.distributed.env import DistributedError, check_same, comm_device, gather_objects, tensor_fingerprint
 from branchify.outputs import BranchedOutput
 from branchify.spec import INPUT, Spec
 
@@ -48,7 +47,7 @@ class DistributedCohort(LeafModel):
         check_every: compare input fingerprints every this many forwards (0 = never).
         group: the process group (default: the world).
 
-    Example:
+    Examples:
         >>> dc = DistributedCohort([build_peer(rank)], num_peers=world)           # doctest: +SKIP
         >>> okd = OnlineKD(dc, Pairwise(), temperature=1.0)                       # doctest: +SKIP
         >>> loss = okd(dc(x), y); loss.total.backward(); opt.step()                # doctest: +SKIP

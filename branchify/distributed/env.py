@@ -37,7 +37,7 @@ def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> tuple
     ``backend`` defaults to ``"nccl"`` when CUDA is available (each rank then uses GPU
     ``LOCAL_RANK``) and ``"gloo"`` otherwise. Already initialised: returns the current group's.
 
-    Example:
+    Examples:
         >>> rank, world = init_from_env()          # under torchrun --nproc_per_node 2   # doctest: +SKIP
     """
     if dist.is_initialized():
@@ -66,7 +66,7 @@ def assign_peers(num_peers: int, world_size: int, rank: int) -> list[int]:
 
     ``world_size`` must divide ``num_peers``: every rank hosts the same number of peers.
 
-    Example:
+    Examples:
         >>> assign_peers(4, 2, 1)
         [2, 3]
     """
@@ -86,7 +86,7 @@ def assign_peers(num_peers: int, world_size: int, rank: int) -> list[int]:
 def gather_objects(obj: Any, group: Any = None) -> list[Any]:
     """Every rank's ``obj``, in rank order (``[obj]`` without a process group).
 
-    Example:
+    Examples:
         >>> gather_objects({"peers": [0]})
         [{'peers': [0]}]
     """
@@ -100,7 +100,7 @@ def gather_objects(obj: Any, group: Any = None) -> list[Any]:
 def check_same(value: Any, what: str, fix: str, group: Any = None) -> list[Any]:
     """Raise :class:`DistributedError` on every rank unless all ranks hold an equal ``value``.
 
-    Example:
+    Examples:
         >>> check_same(5, "resume epoch", "resume every rank from the same checkpoint")
         [5]
     """
@@ -117,7 +117,7 @@ def tensor_fingerprint(*tensors: torch.Tensor) -> torch.Tensor:
     Floats are hashed by their bit patterns, so equal batches (same samples, same
     augmentation) give equal fingerprints on every rank and anything else almost surely not.
 
-    Example:
+    Examples:
         >>> x = torch.randn(4, 3)
         >>> int(tensor_fingerprint(x)) == int(tensor_fingerprint(x.clone()))
         True

@@ -33,7 +33,7 @@ class Aggregate:
 class LocalExchange:
     """Combines soft labels of peers that all live in this process (single-process MD).
 
-    Example:
+    Examples:
         >>> agg = LocalExchange().combine([0, 1], [torch.ones(2, 2), torch.zeros(2, 2)], [30.0, 10.0], 0)
         >>> agg.weights
         [0.75, 0.25]
@@ -77,7 +77,7 @@ class CollectiveExchange(LocalExchange):
         num_peers: the total number of peers the run expects (checked against the ranks).
         group: the process group (default: the world).
 
-    Example:
+    Examples:
         >>> ex = CollectiveExchange(num_peers=3)       # under torchrun, after init_from_env()   # doctest: +SKIP
         >>> agg = ex.combine([rank], [S_local], [acc_local], checksum)                          # doctest: +SKIP
     """

@@ -26,7 +26,7 @@ as BatchNorm running statistics follow DDP's usual rule: rank 0's are broadcast 
 every forward, so after the last step they are rank-local; checkpoints and the export take rank
 0's.)
 
-Example:
+Examples:
     >>> import lightning as L, torch, branchify as bf
     >>> from branchify.integrations.lightning import BranchifyCallback, OnlineKDModule, load_target
     >>> model, okd = bf.method("one", net)                                        # doctest: +SKIP
@@ -76,7 +76,7 @@ def step_output(loss: LossOutput) -> dict[str, Any]:
     ``{"loss": loss.total, "okd_parts": loss.parts}``: Lightning backpropagates ``"loss"`` and
     hands the rest to the callbacks' ``on_train_batch_end``.
 
-    Example:
+    Examples:
         >>> def training_step(self, batch, batch_idx):
         ...     x, y = batch
         ...     return step_output(self.okd(self.model(x), y))                   # doctest: +SKIP
@@ -89,7 +89,7 @@ def step_output(loss: LossOutput) -> dict[str, Any]:
 def find_leaf_model(pl_module: nn.Module) -> LeafModel:
     """The outermost branched model (a :class:`~branchify.contract.LeafModel`) inside ``pl_module``.
 
-    Example:
+    Examples:
         >>> find_leaf_model(module) is module.model                             # doctest: +SKIP
         True
     """
@@ -104,7 +104,7 @@ def find_leaf_model(pl_module: nn.Module) -> LeafModel:
 def find_okd(pl_module: nn.Module) -> OnlineKD:
     """The one :class:`~branchify.OnlineKD` held as an attribute of ``pl_module``.
 
-    Example:
+    Examples:
         >>> find_okd(module) is module.okd                                      # doctest: +SKIP
         True
     """
@@ -121,7 +121,7 @@ def find_okd(pl_module: nn.Module) -> OnlineKD:
 def total_epochs(trainer: "L.Trainer") -> int | None:
     """The run length in epochs: ``max_epochs``, else derived from ``max_steps`` (``None`` if unbounded).
 
-    Example:
+    Examples:
         >>> total_epochs(L.Trainer(max_epochs=300))                             # doctest: +SKIP
         300
     """
@@ -142,7 +142,7 @@ def save_target(model: LeafModel, directory: str | os.PathLike, *, leaf: int | N
     writes ``model.safetensors``. ``branchify.json`` names the class (``"module.QualName"``),
     the weights file, the leaf and the spec; reload with :func:`load_target`.
 
-    Example:
+    Examples:
         >>> save_target(model, "student")                                       # doctest: +SKIP
         >>> net = torchvision.models.resnet18(num_classes=10)
         >>> net.load_state_dict(torch.load("student/model.pt"), strict=True)    # doctest: +SKIP
@@ -163,7 +163,8 @@ def save_target(model: LeafModel, directory: str | os.PathLike, *, leaf: int | N
         torch.save(state, out / _WEIGHTS[format])
     cls = type(exported)
     info = {"class": f"{cls.__module__}.{cls.__qualname__}", "weights": _WEIGHTS[format], "format": format,
-            "leaf": model.target if leaf is None else leaf, "spec": model.spec.to_dict() if hasattr(model.spec, "to_dict") else None,
+            "leaf": model.target if leaf is None else leaf,
+            "spec": model.spec.to_dict() if hasattr(model.spec, "to_dict") else None,
             **(extra or {})}
     (out / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=str))
     return out
@@ -172,7 +173,7 @@ def save_target(model: LeafModel, directory: str | os.PathLike, *, leaf: int | N
 def load_target(directory: str | os.PathLike, model: nn.Module) -> nn.Module:
     """Load what :func:`save_target` wrote into ``model`` (an instance of the original class), strictly.
 
-    Example:
+    Examples:
         >>> net = load_target("student", TinyNet(num_classes=10))              # doctest: +SKIP
     """
     out = Path(directory)
@@ -215,13 +216,15 @@ class BranchifyCallback(L.Callback):
         model: the branched model (default: the outermost one inside the module).
         per_step: move the ramp every batch (default) or once per epoch.
         log_prefix: prefix of the logged parts; ``None`` logs nothing.
-        on_step / on_epoch: forwarded to ``pl_module.log`` (step values sync every step).
+        on_step: forwarded to ``pl_module.log`` (step values sync every step).
+        on_epoch: forwarded to ``pl_module.log`` (the epoch mean, weighted by batch size).
         export_dir: where ``on_fit_end`` writes the exported target (``None``: no export).
         export_format: ``"torch"`` (``model.pt``) or ``"safetensors"``.
 
-    Example:
-        >>> trainer = L.Trainer(max_epochs=300, callbacks=[BranchifyCallback(export_dir="out/student")])  # doctest: +SKIP
-        >>> trainer.fit(module, loader, ckpt_path="last")    # resumes weights, optimiser and the KD ramp  # doctest: +SKIP
+    Examples:
+        >>> callbacks = [BranchifyCallback(export_dir="out/student")]                    # doctest: +SKIP
+        >>> trainer = L.Trainer(max_epochs=300, callbacks=callbacks)                     # doctest: +SKIP
+        >>> trainer.fit(module, loader, ckpt_path="last")  # weights, optimiser and KD ramp  # doctest: +SKIP
     """
 
     def __init__(self, okd: OnlineKD | None = None, *, model: LeafModel | None = None, per_step: bool = True,
@@ -333,9 +336,10 @@ class OnlineKDModule(L.LightningModule):
         optimizer: ``params -> torch.optim.Optimizer``, e.g. ``partial(torch.optim.SGD, lr=0.1)``.
         lr_scheduler: optional ``optimizer -> LR scheduler`` (stepped once per epoch).
 
-    Example:
+    Examples:
         >>> model, okd = bf.method("one", net)                                  # doctest: +SKIP
-        >>> module = OnlineKDModule(model, okd, optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9))  # doctest: +SKIP
+        >>> sgd = partial(torch.optim.SGD, lr=0.1, momentum=0.9)                         # doctest: +SKIP
+        >>> module = OnlineKDModule(model, okd, optimizer=sgd)                           # doctest: +SKIP
     """
 
     def __init__(self, model: LeafModel, okd: OnlineKD, *,

@@ -28,7 +28,7 @@ def md_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_probs: torch.Ten
         kd_t2: multiply the KL by ``t^2`` (the other methods' convention); default off, as in
             the paper's Eq. 9.
 
-    Example:
+    Examples:
         >>> from branchify.schedules import IntervalSchedule
         >>> z, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
         >>> phase = IntervalSchedule(1, 4)(3)          # r = 2: alpha 0.5, beta 1.5

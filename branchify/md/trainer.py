@@ -17,8 +17,14 @@ from branchify.distributed import LocalExchange
 from branchify.md.loss import MDError, md_loss
 from branchify.md.rng import _PeerRNG
 from branchify.schedules import IntervalPhase, IntervalSchedule
-from branchify.soft_labels import (SoftLabelError, compute_soft_labels, model_device, sequence_checksum,
-                                   split_batch, to_device)
+from branchify.soft_labels import (
+    SoftLabelError,
+    compute_soft_labels,
+    model_device,
+    sequence_checksum,
+    split_batch,
+    to_device,
+)
 
 CHECKPOINT_FORMAT = "branchify.md/1"
 
@@ -66,7 +72,7 @@ class MDTrainer:
         amp_dtype: autocast dtype for the peers' forward (``None`` = full precision).
         checkpoint_dir / checkpoint_every: where and how often to checkpoint.
 
-    Example:
+    Examples:
         >>> cohort = Cohort([resnet20(10, 1), mobilenetv2(10, 1)])                      # doctest: +SKIP
         >>> opts = [torch.optim.SGD(cohort.peer_parameters(i), lr=0.05) for i in range(2)]  # doctest: +SKIP
         >>> md = MDTrainer(cohort, opts, TensorLoader(x, y, 64, ..., with_index=True),      # doctest: +SKIP
@@ -199,7 +205,7 @@ class MDTrainer:
             The history: one record per epoch (phase, ``r``, ``alpha``, ``beta``, mean loss per peer,
             seconds, and accuracies when evaluated).
 
-        Example:
+        Examples:
             >>> history = trainer.fit(40, eval_loader=test_loader, eval_every=10)     # doctest: +SKIP
             >>> history[12]["phase"], history[12]["r"], history[12]["alpha"]         # doctest: +SKIP
             ('distill', 2, 0.9333333333333333)

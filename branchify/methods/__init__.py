@@ -1,6 +1,6 @@
 """Named method presets: one call builds the paper's tree, aggregator and loss around a model.
 
-Example:
+Examples:
     >>> import torchvision, branchify as bf
     >>> model, okd = bf.method("one", torchvision.models.resnet18(num_classes=10))   # doctest: +SKIP
     >>> model, okd = bf.method("tsa", net, split=["layer2", "layer3"], alpha=0.3)    # doctest: +SKIP
@@ -26,11 +26,10 @@ for every model (the last stage of a ResNet: ``layer4``, TSA ``["layer3", "layer
 ResNet: ``layer3``, TSA ``["layer2", "layer3"]``; the 9th of 12 transformer layers...), recorded in
 ``model.split_reason`` and printed by ``describe()``.
 """
-from . import ahbf, cl_ilr, dml, okddip, one, tsa  # noqa: F401  (each registers its preset)
 from ..surgery.default_split import default_splits
+from . import ahbf, cl_ilr, dml, okddip, one, tsa  # noqa: F401  (each registers its preset)
 from .common import COMMON, ONE_RAMP
-from .registry import (MethodError, Preset, available_methods, get_preset, method, nearest, register_method,
-                       resolve)
+from .registry import MethodError, Preset, available_methods, get_preset, method, nearest, register_method, resolve
 
 __all__ = ["COMMON", "MethodError", "ONE_RAMP", "Preset", "available_methods", "default_splits", "get_preset",
            "method", "nearest", "register_method", "resolve"]

@@ -23,7 +23,7 @@ Only tensors and plain containers are stored, and files are read with
 name next to it, flushed to disk and renamed over the old one (``os.replace``), so a killed
 process leaves either the previous checkpoint or the new one, never half a file.
 
-Example:
+Examples:
     >>> path = checkpoint_path("runs/fmnist", "one", 0)                     # doctest: +SKIP
     >>> save_checkpoint(path, cfg=cfg, state=state, epoch=3, history=[...], train_seconds=41.0)  # doctest: +SKIP
     >>> ckpt = load_checkpoint(path, cfg)        # CheckpointError if it belongs to another run  # doctest: +SKIP
@@ -70,7 +70,7 @@ class TrainState:
 def checkpoint_path(run_dir: str | Path, method: str, seed: int) -> Path:
     """Where the checkpoint of (``method``, ``seed``) lives in ``run_dir``.
 
-    Example:
+    Examples:
         >>> checkpoint_path("runs/x", "one", 2).as_posix()
         'runs/x/checkpoints/one-seed2.pt'
     """
@@ -92,7 +92,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """:func:`atomic_write_bytes` for text (UTF-8).
 
-    Example:
+    Examples:
         >>> atomic_write_text("/tmp/branchify_doctest.txt", "done")
         >>> open("/tmp/branchify_doctest.txt").read()
         'done'
@@ -130,7 +130,7 @@ def config_differences(stored: dict[str, Any], now: dict[str, Any],
                        ignore: tuple[str, ...] = RESUME_MAY_CHANGE) -> list[str]:
     """``"key: old (stored) vs new (now)"`` for every field that differs, ``ignore`` aside.
 
-    Example:
+    Examples:
         >>> config_differences({"epochs": 3, "device": "cpu"}, {"epochs": 5, "device": "cuda"})
         ['epochs: 3 (checkpoint) vs 5 (now)']
     """
@@ -144,7 +144,7 @@ def save_checkpoint(path: str | Path, *, cfg: RunConfig, state: TrainState, epoc
                     history: list[dict[str, Any]], train_seconds: float) -> Path:
     """Write the checkpoint of ``state`` after ``epoch`` completed epochs, atomically.
 
-    Example:
+    Examples:
         >>> save_checkpoint(checkpoint_path(run, "one", 0), cfg=cfg, state=state, epoch=2,   # doctest: +SKIP
         ...                 history=history, train_seconds=12.5)
     """
@@ -167,7 +167,7 @@ def load_checkpoint(path: str | Path, cfg: RunConfig, device: torch.device | str
     Raises :class:`CheckpointError` naming the file for a truncated or foreign file, missing
     keys, another format version, or a config that differs (other method, seed, epochs, ...).
 
-    Example:
+    Examples:
         >>> ckpt = load_checkpoint("runs/x/checkpoints/one-seed0.pt", cfg)     # doctest: +SKIP
         >>> ckpt["epoch"]                                                      # doctest: +SKIP
         3
@@ -201,7 +201,7 @@ def load_checkpoint(path: str | Path, cfg: RunConfig, device: torch.device | str
 def restore(payload: dict[str, Any], state: TrainState, path: str | Path = "<checkpoint>") -> None:
     """Load a :func:`load_checkpoint` payload into ``state`` (strictly) and the global RNGs.
 
-    Example:
+    Examples:
         >>> restore(load_checkpoint(path, cfg), TrainState(model, opt, sched, okd), path)   # doctest: +SKIP
     """
     try:

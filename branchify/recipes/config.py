@@ -14,7 +14,7 @@ class RunConfig:
     """Everything one training run needs. Defaults are the papers' CIFAR settings (SGD 0.1,
     momentum 0.9, weight decay 5e-4, batch 128) with a cosine schedule.
 
-    Example:
+    Examples:
         >>> cfg = RunConfig.from_yaml("branchify/recipes/configs/cifar100_resnet32_one.yaml")  # doctest: +SKIP
         >>> cfg.method, cfg.epochs                                                   # doctest: +SKIP
         ('one', 300)
@@ -91,7 +91,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 def bundled_configs() -> list[str]:
     """Names of the configs shipped in :data:`CONFIG_DIR`.
 
-    Example:
+    Examples:
         >>> "cifar100_resnet32_one" in bundled_configs()
         True
     """

@@ -19,7 +19,7 @@ order, for models without batch statistics - BatchNorm in train mode normalises 
 fewer samples than ranks is skipped. Evaluation, checkpoints, logs and results happen on rank 0
 (metrics are broadcast to every rank); logged loss parts are averaged over ranks.
 
-Example:
+Examples:
     >>> shard_batch(torch.arange(6), torch.arange(6), rank=1, world=2)[0]
     tensor([3, 4, 5])
 """
@@ -46,7 +46,7 @@ class RankFailed(BranchifyError, RuntimeError):
 def strip_nproc(argv: list[str]) -> list[str]:
     """``argv`` without ``--nproc N`` / ``--nproc=N`` (what each launched rank receives).
 
-    Example:
+    Examples:
         >>> strip_nproc(["--methods", "one", "--nproc", "2", "--fake-data"])
         ['--methods', 'one', '--fake-data']
     """
@@ -64,7 +64,7 @@ def strip_nproc(argv: list[str]) -> list[str]:
 def torchrun_args(argv: list[str], nproc: int) -> list[str]:
     """torchrun's arguments that run the CLI with ``argv`` on ``nproc`` local processes.
 
-    Example:
+    Examples:
         >>> torchrun_args(["--nproc", "2", "--fake-data"], 2)
         ['--standalone', '--nproc_per_node', '2', '-m', 'branchify.recipes.cli', '--fake-data']
     """
@@ -158,7 +158,7 @@ def shard_batch(x: torch.Tensor, y: torch.Tensor, rank: int, world: int
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     """Average every value over the ranks (keys must agree); unchanged without a process group.
 
-    Example:
+    Examples:
         >>> mean_over_ranks({"train_loss": 2.0})
         {'train_loss': 2.0}
     """

@@ -23,7 +23,7 @@ Run::
     python -m branchify.recipes.hf_text classify --fake-data        # offline, seconds
     python -m branchify.recipes.hf_text translate --fake-data
 
-Example:
+Examples:
     >>> from branchify.recipes.hf_text import main
     >>> rows = main(["classify", "--fake-data", "--methods", "baseline,one"])   # doctest: +SKIP
 """
@@ -67,7 +67,7 @@ class ListDataset(torch.utils.data.Dataset):
 def fake_tokenizer(vocab_words: int = 60):
     """A word-level fast tokenizer over ``w0 ... w{n-1}`` (built locally, nothing downloaded).
 
-    Example:
+    Examples:
         >>> fake_tokenizer()("w1 w2")["input_ids"]                        # doctest: +SKIP
         [2, 6, 7, 3]
     """

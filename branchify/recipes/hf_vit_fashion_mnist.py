@@ -13,7 +13,7 @@ Run (CPU, a few minutes)::
     python -m branchify.recipes.hf_vit_fashion_mnist --methods baseline,one,tsa,okddip --epochs 12
     python -m branchify.recipes.hf_vit_fashion_mnist --smoke               # seconds: tiny subset, 1 epoch
 
-Example:
+Examples:
     >>> from branchify.recipes.hf_vit_fashion_mnist import main
     >>> results = main(["--smoke", "--methods", "baseline,one"])   # doctest: +SKIP
 """
@@ -44,7 +44,7 @@ def make_vit(layers: int = 4, hidden: int = 64, heads: int = 4, patch: int = 4, 
              seed: int = 0):
     """A small ``ViTForImageClassification`` for 28x28 grey images (10 classes), random weights.
 
-    Example:
+    Examples:
         >>> make_vit().config.num_hidden_layers
         4
     """
@@ -61,7 +61,7 @@ def make_vit(layers: int = 4, hidden: int = 64, heads: int = 4, patch: int = 4, 
 class ImageDataset(torch.utils.data.Dataset):
     """``{"pixel_values", "labels"}`` examples from uint8 images, normalised once up front.
 
-    Example:
+    Examples:
         >>> ds = ImageDataset(torch.zeros(4, 1, 28, 28, dtype=torch.uint8), torch.arange(4))
         >>> ds[0]["pixel_values"].shape
         torch.Size([1, 28, 28])

@@ -10,7 +10,7 @@ Anything that trains like a *trainee* (``model``, ``loss(x, y, epoch)``, ``leave
 ``set_epoch(epoch)``, ``target``) can be trained with :func:`train_run` - branchify presets
 (:class:`BranchifyTrainee`) and ``benchmarks/handwritten.py``'s hand-written trees alike.
 
-Example:
+Examples:
     >>> regime = Regime("tiny", depth=8, train_size=100, epochs=1)           # doctest: +SKIP
     >>> train_run(regime, BranchifyTrainee("one", regime), seed=0)["target_acc"]   # doctest: +SKIP
 """
@@ -84,7 +84,7 @@ def net_fn(regime: Regime) -> Callable[[], nn.Module]:
 def parse_variant(label: str) -> tuple[str, dict[str, Any]]:
     """``"ahbf:lambdas=[1,1]:aux=1"`` -> ``("ahbf", {"lambdas": [1, 1], "aux": 1})``: a preset and overrides.
 
-    Example:
+    Examples:
         >>> parse_variant("ahbf:lambdas=[1,1]:deepen_init=standard")
         ('ahbf', {'lambdas': [1, 1], 'deepen_init': 'standard'})
     """

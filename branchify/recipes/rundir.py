@@ -13,7 +13,7 @@ Layout of ``--out DIR``:
 A directory that already holds any of these is refused (:class:`RunDirError`) unless resumed:
 nothing of an earlier run is ever truncated or overwritten.
 
-Example:
+Examples:
     >>> plan = RunPlan(RunConfig(), ["baseline", "one"], [0])
     >>> prepare("runs/new", plan, resume=False)          # writes runs/new/run.json    # doctest: +SKIP
 """
@@ -165,7 +165,7 @@ def machine() -> dict[str, Any]:
 class Results:
     """``results.json`` and ``summary.md`` of a run directory, rewritten as each run finishes.
 
-    Example:
+    Examples:
         >>> results = Results("runs/x", header="fashion_mnist, resnet20")     # doctest: +SKIP
         >>> results.add(train(cfg))       # both files now hold this run      # doctest: +SKIP
     """

@@ -116,7 +116,7 @@ def train(cfg: RunConfig, *, progress: bool = True, log: Callable[[dict], None] 
     :class:`CheckpointError` rather than overwriting it. Under ``torchrun`` the model trains
     with DDP (see :mod:`branchify.recipes.ddp`); rank 0 evaluates, logs and writes the files.
 
-    Example:
+    Examples:
         >>> res = train(RunConfig(method="one", epochs=1, train_subset=500))   # doctest: +SKIP
         >>> round(res.target_acc, 1)                                            # doctest: +SKIP
         >>> res = train(cfg, checkpoint="runs/x/one.pt", resume=True)          # doctest: +SKIP
@@ -260,7 +260,7 @@ def save_exported(model: nn.Module, cfg: RunConfig, meta, directory: str | Path)
 def load_exported(directory: str | Path) -> nn.Module:
     """Rebuild the original model class and load the saved target strictly.
 
-    Example:
+    Examples:
         >>> net = load_exported("runs/demo/exported")     # doctest: +SKIP
     """
     from safetensors.torch import load_file

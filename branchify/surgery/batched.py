@@ -71,7 +71,7 @@ class NotBatchable(BranchifyError, RuntimeError):
 def model_key(path: Path) -> str:
     """Segment key of a tree path (``()`` -> ``"trunk"``, ``(0, 1)`` -> ``"b0_1"``).
 
-    Example:
+    Examples:
         >>> model_key(()), model_key((0, 1))
         ('trunk', 'b0_1')
     """
@@ -81,7 +81,7 @@ def model_key(path: Path) -> str:
 def check_mode(value: Any) -> BatchedMode:
     """Validate a ``batched=`` value.
 
-    Example:
+    Examples:
         >>> check_mode("auto"), check_mode(False)
         ('auto', False)
     """
@@ -241,7 +241,8 @@ def _cumulative_momentum(slots: _Slots, buffers: dict[str, torch.Tensor]) -> Ite
 
 
 def group_forward(segments: nn.ModuleDict, group: ReplicaGroup, envs: dict[Path, dict[str, Any]],
-                  origin: dict[int, tuple[torch.Tensor, int]], names: list[str], scale: float) -> dict[str, torch.Tensor]:
+                  origin: dict[int, tuple[torch.Tensor, int]], names: list[str],
+                  scale: float) -> dict[str, torch.Tensor]:
     """One vmapped call for all replicas of ``group``: their outputs stacked ``[R, ...]``."""
     segs = [segments[model_key(p)] for p in group.members]
     template = segs[0]

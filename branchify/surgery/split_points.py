@@ -19,7 +19,7 @@ def split_points(model: nn.Module, tracer: fx.Tracer | None = None, max_depth: i
     as :func:`branchify.branchify` would trace it (its plugin's tracer when ``tracer`` is not given),
     so nothing is left behind in ``model``.
 
-    Example:
+    Examples:
         >>> split_points(torchvision.models.resnet18(), max_depth=1)      # doctest: +SKIP
         ['<input>', 'conv1', 'bn1', 'relu', 'maxpool', 'layer1', ..., 'layer4', 'avgpool', 'fc']
     """

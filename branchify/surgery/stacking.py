@@ -31,7 +31,7 @@ def stack_replicas(per_replica: list[list[torch.Tensor]]) -> list[torch.Tensor]:
 
     Differentiable: gradients flow back to every replica's tensor.
 
-    Example:
+    Examples:
         >>> a, b = [torch.ones(2, 3), torch.zeros(4)], [2 * torch.ones(2, 3), torch.ones(4)]
         >>> [t.shape for t in stack_replicas([a, b])]
         [torch.Size([2, 2, 3]), torch.Size([2, 4])]
@@ -75,7 +75,7 @@ def stack_replicas(per_replica: list[list[torch.Tensor]]) -> list[torch.Tensor]:
 def write_back(stacked: list[torch.Tensor], per_replica: list[list[torch.Tensor]]) -> None:
     """Copy ``stacked[j][k]`` into ``per_replica[k][j]`` (buffers updated in place under vmap).
 
-    Example:
+    Examples:
         >>> dst = [[torch.zeros(2)], [torch.zeros(2)]]
         >>> write_back([torch.arange(4.).view(2, 2)], dst); dst[1][0]
         tensor([2., 3.])

@@ -27,7 +27,7 @@ class Tracer(fx.Tracer):
         autowrap_functions: free functions recorded as one call (e.g. mask builders that
             branch on tensor values).
 
-    Example:
+    Examples:
         >>> tracer = Tracer(leaf_modules=["features.3"], autowrap_functions=[my_mask_fn])
         >>> bm = branchify(model, spec, tracer=tracer)              # doctest: +SKIP
     """
@@ -92,7 +92,7 @@ def resolve_tracer(model: nn.Module, tracer: fx.Tracer | None = None) -> fx.Trac
     :func:`trace`, :func:`~branchify.split_points`, the default split and
     :func:`~branchify.branchify` all resolve the tracer here, so they see the same graph.
 
-    Example:
+    Examples:
         >>> type(resolve_tracer(torchvision.models.resnet18())).__name__     # doctest: +SKIP
         'Tracer'
     """
@@ -115,7 +115,7 @@ def trace(model: nn.Module, tracer: fx.Tracer | None = None,
 
     Raises:
         TraceError: naming the module being traced when it failed, the offending code line,
-        and the fix (``Tracer(leaf_modules=[...])`` or ``autowrap_functions=[...]``).
+            and the fix (``Tracer(leaf_modules=[...])`` or ``autowrap_functions=[...]``).
     """
     tracer = resolve_tracer(model, tracer)
     try:

@@ -11,7 +11,7 @@ Python control flow on ``self.training`` inside a traced forward (``if self.trai
 resolved while tracing and cannot be recovered; make such a module a leaf
 (``branchify.Tracer(leaf_modules=[ThatModule])``) so it runs as itself.
 
-Example:
+Examples:
     >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2)))    # doctest: +SKIP
     >>> follow_training_mode(gm.graph)                                 # doctest: +SKIP
     0

@@ -14,6 +14,7 @@ exactly R independent BatchNorms. Nested vmaps (replicas across parents) fold on
 from __future__ import annotations
 
 import copy
+
 import torch
 import torch.fx as fx
 from torch import nn
@@ -111,7 +112,7 @@ def vmap_template(template: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``template`` for vmapped calls: plain BatchNorms replaced by :class:`VmapBatchNorm`,
     every other module (and every tensor) shared with ``template``.
 
-    Example:
+    Examples:
         >>> vt = vmap_template(bm.segments["b1"])          # doctest: +SKIP
     """
     vt = fx.GraphModule(template, copy.deepcopy(template.graph), type(template).__name__ + "Vmap")

@@ -24,7 +24,7 @@ _MERGES = {torch.cat, torch.concat, torch.stack, operator.add, torch.add, operat
 def module_width(m: nn.Module) -> int | None:
     """Channels/features a layer reads, for the layer types that say so (searching inside blocks).
 
-    Example:
+    Examples:
         >>> module_width(nn.Sequential(nn.ReLU(), nn.Conv2d(8, 4, 1)))
         8
     """

@@ -15,7 +15,7 @@ Names are imported on first use, so ``import branchify.integrations.hf.plugin`` 
 transformers; using any other name without transformers raises an ``ImportError`` that says
 what to install.
 
-Example:
+Examples:
     >>> from transformers import Trainer, TrainingArguments
     >>> from branchify.integrations.hf import BranchifyCallback, branchify_hf
     >>> model = branchify_hf(BertForSequenceClassification(cfg), "one",

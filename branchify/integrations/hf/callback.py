@@ -1,6 +1,6 @@
 """The Trainer callback: epoch schedules, loss parts in the logs, ``save_pretrained`` export.
 
-Example:
+Examples:
     >>> trainer = Trainer(model=branchify_hf(bert, "one"), args=args, train_dataset=ds,
     ...                   callbacks=[BranchifyCallback()])           # doctest: +SKIP
 """
@@ -41,7 +41,7 @@ class BranchifyCallback(TrainerCallback):
             (``None`` disables exporting).
         log_prefix: prefix of the logged loss parts (``None`` disables logging them).
 
-    Example:
+    Examples:
         >>> trainer = Trainer(model=branched_hf, args=args, train_dataset=ds,
         ...                   callbacks=[BranchifyCallback()])                # doctest: +SKIP
     """

@@ -1,6 +1,6 @@
 """Rewrites of the traced graph: the wrapper removed, constants moved, unreferenced state anchored.
 
-Example:
+Examples:
     >>> graph = strip_graph(graph, strip)                           # doctest: +SKIP
 """
 from __future__ import annotations
@@ -15,12 +15,11 @@ from torch import nn
 from .inputs import WRAPPER_ATTR
 
 
-
 def root_view(model: nn.Module) -> nn.Module:
     """A shallow copy of ``model``: the same submodules, parameters, buffers and config, but its
     own attribute namespace, so constants of the trace can live on it without touching ``model``.
 
-    Example:
+    Examples:
         >>> view = root_view(bert); view.bert is bert.bert                     # doctest: +SKIP
         True
     """
@@ -40,7 +39,7 @@ def move_wrapper_constants(graph: fx.Graph, wrapper: nn.Module, view: nn.Module)
     Tensors are marked non-persistent, so the GraphModule holds them as buffers that follow
     ``.to(device)`` but stay out of ``state_dict()`` (checkpoints keep the original keys).
 
-    Example:
+    Examples:
         >>> move_wrapper_constants(graph, wrapper, view)               # doctest: +SKIP
         ['_tensor_constant0', '_tensor_constant1']
     """
@@ -70,7 +69,7 @@ def move_wrapper_constants(graph: fx.Graph, wrapper: nn.Module, view: nn.Module)
 def strip_graph(graph: fx.Graph, strip: Callable[[str], str]) -> fx.Graph:
     """Copy ``graph`` with the wrapper prefix removed from targets, module stacks and node names.
 
-    Example:
+    Examples:
         >>> strip_graph(graph, HFTracer._strip)                        # doctest: +SKIP
         <torch.fx.graph.Graph object ...>
     """
@@ -108,7 +107,7 @@ def anchor_unreferenced_state(graph: fx.Graph, model: nn.Module) -> int:
     they are filled from the original model at export (:meth:`BranchedHFModel.export_pretrained`
     fills tied ones from their trained partner instead).
 
-    Example:
+    Examples:
         >>> anchor_unreferenced_state(graph, t5)          # T5's ``shared.weight``   # doctest: +SKIP
         1
     """
@@ -134,7 +133,7 @@ def drop_dead_nodes(graph: fx.Graph) -> None:
     """Remove unused pure nodes (shape queries, unused attribute reads) left by tracing; keep
     in-place calls and side effects (the run-time input checks, ``torch._assert``).
 
-    Example:
+    Examples:
         >>> drop_dead_nodes(graph)                                     # doctest: +SKIP
     """
     for n in reversed(list(graph.nodes)):

@@ -12,7 +12,7 @@ Only checks whose outcome is determined by one operand are handled (``if a: rais
 ``if a or b: raise``, ``if not a: raise``, ``assert a and b``); any other control flow on a traced
 value is still an error that names the module to mark as a leaf.
 
-Example:
+Examples:
     >>> gm = branchify.trace(whisper, HFTracer())                   # doctest: +SKIP
     >>> [n.target for n in gm.graph.nodes if n.target is torch._assert]   # doctest: +SKIP
     [<function _assert>]
@@ -101,7 +101,7 @@ def find_guard() -> Guard | None:
 
     Called from :meth:`HFTracer.to_bool`; reads the source of the calling frame.
 
-    Example:
+    Examples:
         >>> find_guard()            # outside any traced ``if``        # doctest: +SKIP
         None
     """
@@ -134,7 +134,7 @@ def find_guard() -> Guard | None:
 def record_guard(tracer: fx.Tracer, proxy: fx.Proxy, guard: Guard) -> bool:
     """Add ``torch._assert(<condition has guard.expected's value>)`` to the graph; return that value.
 
-    Example:
+    Examples:
         >>> record_guard(tracer, proxy, Guard(False, "x.shape[-1] != 32", "f in m.py:3"))   # doctest: +SKIP
         False
     """

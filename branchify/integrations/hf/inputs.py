@@ -4,7 +4,7 @@ transformers 5.x root forwards take ``**kwargs``, which fx cannot re-create, so 
 through a generated wrapper whose ``forward`` takes the chosen inputs by name and calls the model
 by keyword with ``return_dict=False`` (and ``use_cache=False``), returning the logits.
 
-Example:
+Examples:
     >>> default_input_names(bert_classifier)                       # doctest: +SKIP
     ['input_ids', 'attention_mask', 'token_type_ids']
 """
@@ -49,7 +49,7 @@ MASK_DEFAULT = _mask_default
 def forward_parameters(model: nn.Module) -> dict[str, inspect.Parameter]:
     """Named parameters of ``model.forward`` (``**kwargs`` / ``*args`` left out).
 
-    Example:
+    Examples:
         >>> list(forward_parameters(bert_classifier))[:2]           # doctest: +SKIP
         ['input_ids', 'attention_mask']
     """
@@ -67,7 +67,7 @@ def default_input_names(model: nn.Module) -> list[str]:
     ``decoder_attention_mask``. Pass ``HFTracer(input_names=[...])`` for another set. Required
     inputs (the main one and ``decoder_input_ids``) come first.
 
-    Example:
+    Examples:
         >>> default_input_names(bert_classifier)                   # doctest: +SKIP
         ['input_ids', 'attention_mask', 'token_type_ids']
     """
@@ -88,7 +88,7 @@ def default_input_names(model: nn.Module) -> list[str]:
 def required_first(names: Sequence[str]) -> list[str]:
     """The main input, then ``decoder_input_ids`` (both required), then the optional inputs.
 
-    Example:
+    Examples:
         >>> required_first(["input_ids", "attention_mask", "decoder_input_ids"])
         ['input_ids', 'decoder_input_ids', 'attention_mask']
     """
@@ -112,7 +112,7 @@ def _check_names(model: nn.Module, input_names: Sequence[str]) -> None:
 def make_wrapper(model: nn.Module, input_names: Sequence[str]) -> nn.Module:
     """A module whose ``forward(<input_names>)`` calls ``model`` by keyword and returns the logits.
 
-    Example:
+    Examples:
         >>> make_wrapper(bert_classifier, ["input_ids"])(ids).shape   # doctest: +SKIP
         torch.Size([4, 3])
     """
@@ -144,7 +144,7 @@ def make_wrapper(model: nn.Module, input_names: Sequence[str]) -> nn.Module:
 def input_meta(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[int | None, torch.dtype | None]]:
     """Rank and dtype the traced code may assume for each input (ids/masks: long, else floats).
 
-    Example:
+    Examples:
         >>> input_meta(bert_classifier, ["input_ids"])              # doctest: +SKIP
         {'input_ids': (2, torch.int64)}
     """

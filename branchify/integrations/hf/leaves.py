@@ -1,6 +1,6 @@
 """What the coarse tracer records as single calls: embeddings, layers and mask builders.
 
-Example:
+Examples:
     >>> coarse_leaf_paths(bert_classifier)[:3]                     # doctest: +SKIP
     ['bert.embeddings', 'bert.encoder.layer.0', 'bert.encoder.layer.1']
 """
@@ -33,7 +33,7 @@ def coarse_leaf_paths(model: nn.Module) -> list[str]:
     of a ``ModuleList`` of identical blocks (the encoder / decoder layers). Leaves nested
     inside another leaf are not listed.
 
-    Example:
+    Examples:
         >>> coarse_leaf_paths(bert_classifier)[:3]                 # doctest: +SKIP
         ['bert.embeddings', 'bert.encoder.layer.0', 'bert.encoder.layer.1']
     """
@@ -57,7 +57,7 @@ def coarse_leaf_paths(model: nn.Module) -> list[str]:
 def python_modules_of(model: nn.Module) -> list[types.ModuleType]:
     """The transformers Python modules that define the model's (sub)module classes.
 
-    Example:
+    Examples:
         >>> [m.__name__ for m in python_modules_of(bert_classifier)][:1]   # doctest: +SKIP
         ['transformers.models.bert.modeling_bert']
     """
@@ -83,7 +83,7 @@ def _is_mask_builder(name: str, fn: Any, module: types.ModuleType) -> bool:
 def mask_builders(model: nn.Module) -> list[tuple[dict, str, Callable]]:
     """``(globals, name, function)`` for every mask builder the model's modules can call.
 
-    Example:
+    Examples:
         >>> sorted({name for _, name, _ in mask_builders(bert_classifier)})   # doctest: +SKIP
         ['create_bidirectional_mask', 'create_causal_mask']
     """
@@ -100,7 +100,7 @@ def mask_builders(model: nn.Module) -> list[tuple[dict, str, Callable]]:
 def autowrapped(fn: Callable) -> Callable:
     """``fn`` recorded as one ``call_function`` node when called with proxies (like ``fx.wrap``).
 
-    Example:
+    Examples:
         >>> wrapped = autowrapped(torch.add); wrapped(1, 2)      # doctest: +SKIP
         3
     """
@@ -127,7 +127,7 @@ def autowrapped(fn: Callable) -> Callable:
 class Patches:
     """Temporarily replaced globals, restored on exit.
 
-    Example:
+    Examples:
         >>> with Patches() as p:                                    # doctest: +SKIP
         ...     p.set(vars(module), "make_mask", autowrapped(module.make_mask))
     """

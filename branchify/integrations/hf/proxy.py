@@ -1,6 +1,6 @@
 """Proxies that know what HF forwards branch on, and how non-tensor objects are recognised.
 
-Example:
+Examples:
     >>> is_config(bert_classifier.config)                          # doctest: +SKIP
     True
 """
@@ -50,7 +50,7 @@ class InputProxy(fx.Proxy):
 def raw_tensor_attr(root: nn.Module, path: str) -> torch.Tensor | None:
     """The parameter / buffer at ``path``, read without ``nn.Module.__getattr__`` (patched by fx).
 
-    Example:
+    Examples:
         >>> raw_tensor_attr(nn.Sequential(nn.Linear(2, 3)), "0.weight").shape
         torch.Size([3, 2])
     """
@@ -70,7 +70,7 @@ def raw_tensor_attr(root: nn.Module, path: str) -> torch.Tensor | None:
 def is_config(obj: Any) -> bool:
     """Whether ``obj`` is a transformers config (checked by class names: nothing is imported).
 
-    Example:
+    Examples:
         >>> is_config(object())
         False
     """
@@ -80,7 +80,7 @@ def is_config(obj: Any) -> bool:
 def is_cache(obj: Any) -> bool:
     """Whether ``obj`` is a transformers key/value ``Cache``.
 
-    Example:
+    Examples:
         >>> is_cache(None)
         False
     """

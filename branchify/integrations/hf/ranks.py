@@ -1,6 +1,6 @@
 """Loss-part means over every rank of a ``torch.distributed`` run (a no-op in one process).
 
-Example:
+Examples:
     >>> mean_over_ranks({"loss/kd": torch.tensor(0.4)}, {"loss/kd": 2})   # doctest: +SKIP
     {'loss/kd': 0.2}
 """
@@ -13,7 +13,7 @@ import torch.distributed as dist
 def distributed() -> bool:
     """Whether a ``torch.distributed`` process group is initialised (more than one rank may log).
 
-    Example:
+    Examples:
         >>> distributed()
         False
     """
@@ -28,7 +28,7 @@ def mean_over_ranks(sums: dict[str, torch.Tensor], counts: dict[str, int],
     that saw none of a key contribute zero). ``device`` is where the reduction runs (a CUDA
     device for NCCL; default: the tensors' device, else the CPU).
 
-    Example:
+    Examples:
         >>> mean_over_ranks({"ce": torch.tensor(3.0)}, {"ce": 2})
         {'ce': 1.5}
     """

@@ -5,7 +5,7 @@ masked where the label is ``-100``; for a causal LM the logits at position ``i``
 against label ``i + 1`` (the usual shift), and a seq2seq model without ``decoder_input_ids``
 gets them from the labels shifted right.
 
-Example:
+Examples:
     >>> infer_task(GPT2LMHeadModel(GPT2Config()))                  # doctest: +SKIP
     'causal'
 """
@@ -28,7 +28,7 @@ def infer_task(model: nn.Module) -> str:
     ``"seq2seq"`` (encoder-decoder), ``"causal"`` (a causal LM: labels shifted by one),
     ``"token"`` (token classification) or ``"classification"`` (one label per example).
 
-    Example:
+    Examples:
         >>> infer_task(GPT2LMHeadModel(GPT2Config()))                      # doctest: +SKIP
         'causal'
     """
@@ -51,7 +51,7 @@ def infer_task(model: nn.Module) -> str:
 def tie_groups(model: nn.Module) -> list[list[str]]:
     """Names of parameters that are one tensor in ``model`` (tied embeddings, shared heads).
 
-    Example:
+    Examples:
         >>> tie_groups(gpt2_lm)                                    # doctest: +SKIP
         [['transformer.wte.weight', 'lm_head.weight']]
     """
@@ -64,7 +64,7 @@ def tie_groups(model: nn.Module) -> list[list[str]]:
 def shift_right(labels: torch.Tensor, pad_token_id: int | None, start_token_id: int | None) -> torch.Tensor:
     """``decoder_input_ids`` from seq2seq labels: start token, then labels[:-1] (-100 -> pad).
 
-    Example:
+    Examples:
         >>> shift_right(torch.tensor([[5, 6, -100]]), 0, 1)
         tensor([[1, 5, 6]])
     """
@@ -79,7 +79,7 @@ def shift_right(labels: torch.Tensor, pad_token_id: int | None, start_token_id: 
 def shift_output(out: BranchedOutput) -> BranchedOutput:
     """Drop the last position of token-level logits / features (causal LM: predict the next token).
 
-    Example:
+    Examples:
         >>> shift_output(out).logits[0].shape      # [B, L, V] -> [B, L - 1, V]   # doctest: +SKIP
     """
     def cut(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -95,7 +95,7 @@ def unalias_state_dict(module: nn.Module, state_dict: dict, prefix: str, local_m
     otherwise make ``safetensors`` (used by the Trainer's checkpoints) refuse the state dict.
     Loading writes the same values into both names, so nothing changes on reload.
 
-    Example:
+    Examples:
         >>> wrapper._register_state_dict_hook(unalias_state_dict)          # doctest: +SKIP
     """
     seen: set[tuple[int, int]] = set()

@@ -48,7 +48,7 @@ Things to know:
   tied ``shared`` embedding) are anchored in the graph so that branchify reports them and its
   strict export can fill them (:func:`.graph_passes.anchor_unreferenced_state`).
 
-Example:
+Examples:
     >>> from transformers import BertConfig, BertForSequenceClassification
     >>> import branchify as bf
     >>> bert = BertForSequenceClassification(BertConfig(hidden_size=64, num_hidden_layers=4,
@@ -72,8 +72,15 @@ from branchify.surgery.tracing import Tracer
 
 from .graph_passes import anchor_unreferenced_state, move_wrapper_constants, root_view, strip_graph
 from .guards import Guard, find_guard, record_guard
-from .inputs import (MASK_DEFAULT, WRAPPER_ATTR, HFTracerError, default_input_names, input_meta, make_wrapper,
-                     required_first)
+from .inputs import (
+    MASK_DEFAULT,
+    WRAPPER_ATTR,
+    HFTracerError,
+    default_input_names,
+    input_meta,
+    make_wrapper,
+    required_first,
+)
 from .leaves import Patches, autowrapped, coarse_leaf_paths, mask_builders, python_modules_of
 from .proxy import InputProxy, is_cache, is_config, raw_tensor_attr
 
@@ -98,7 +105,7 @@ class HFTracer(Tracer):
     ``call_module`` / ``get_attr`` targets, and ``tracer.guards`` lists the input checks kept
     as run-time assertions.
 
-    Example:
+    Examples:
         >>> tracer = HFTracer(input_names=["input_ids", "attention_mask"],
         ...                   leaf_modules=["my_model.fancy_router"])        # doctest: +SKIP
         >>> bm = branchify.branchify(model, spec, tracer=tracer)             # doctest: +SKIP
@@ -276,7 +283,7 @@ class HFTracer(Tracer):
 def coarse_tracer_for(model: nn.Module) -> HFTracer:
     """The tracer branchify uses for a transformers model (``branchify`` calls this itself).
 
-    Example:
+    Examples:
         >>> gm = branchify.trace(bert_classifier, coarse_tracer_for(bert_classifier))   # doctest: +SKIP
     """
     return HFTracer()

@@ -9,7 +9,7 @@ The Trainer trains a branched model when the model
 
 which is what :class:`BranchedHFModel` does (scoring per task: :mod:`.tasks`).
 
-Example:
+Examples:
     >>> bm, okd = branchify.method("one", bert, split="bert.encoder.layer.2")   # doctest: +SKIP
     >>> model = BranchedHFModel(bm, okd, bert)                                  # doctest: +SKIP
     >>> model(input_ids=ids, labels=y).loss.backward()                          # doctest: +SKIP
@@ -23,8 +23,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import (CausalLMOutput, ImageClassifierOutput, ModelOutput, Seq2SeqLMOutput,
-                                           SequenceClassifierOutput, TokenClassifierOutput)
+from transformers.modeling_outputs import (
+    CausalLMOutput,
+    ImageClassifierOutput,
+    ModelOutput,
+    Seq2SeqLMOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
 
 from branchify.model import BranchedModel
 from branchify.online_kd import LossOutput, OnlineKD
@@ -45,7 +51,7 @@ def keep_unsaved_frozen(branched: BranchedModel, model: nn.Module) -> list[str]:
     useless); for these tables that would train values the saved export silently drops, so
     they stay frozen. Returns the names re-frozen (once per replica).
 
-    Example:
+    Examples:
         >>> keep_unsaved_frozen(bm, marian)                         # doctest: +SKIP
         ['model.decoder.embed_positions.weight']
     """
@@ -77,7 +83,7 @@ class BranchedHFModel(nn.Module):
             not kept).
         task: override :func:`infer_task`.
 
-    Example:
+    Examples:
         >>> bm, okd = branchify.method("tsa", vit, split=["vit.layers.2", "vit.layers.3"])  # doctest: +SKIP
         >>> model = BranchedHFModel(bm, okd, vit)                                          # doctest: +SKIP
         >>> out = model(pixel_values=x, labels=y); out.loss.backward()                     # doctest: +SKIP
@@ -194,7 +200,7 @@ class BranchedHFModel(nn.Module):
         are all-reduced), so every rank must call it - :class:`BranchifyCallback` does, from
         ``on_log``, which the Trainer runs on every rank.
 
-        Example:
+        Examples:
             >>> model.pop_logged_parts()["loss/kd"]                        # doctest: +SKIP
             0.0132
         """
@@ -213,7 +219,7 @@ class BranchedHFModel(nn.Module):
         so ``save_pretrained`` / ``from_pretrained`` keep both; tied weights that no traced
         operation reads (T5's ``shared``) are filled from their tied partner.
 
-        Example:
+        Examples:
             >>> student = model.export_pretrained()                          # doctest: +SKIP
             >>> student.save_pretrained("student"); type(student).from_pretrained("student")  # doctest: +SKIP
         """
@@ -258,7 +264,7 @@ class BranchedHFModel(nn.Module):
 
         Also writes ``branchify.json`` (the spec and the leaf) next to the weights.
 
-        Example:
+        Examples:
             >>> model.save_target("runs/exported-target")                    # doctest: +SKIP
         """
         directory = os.fspath(directory)

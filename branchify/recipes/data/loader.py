@@ -32,7 +32,7 @@ class TensorLoader:
     ``with_index=True`` (the samples' positions in ``images``: MD reads its per-sample soft labels
     by these); ``len(loader)`` is the number of batches.
 
-    Example:
+    Examples:
         >>> images = torch.randint(0, 256, (100, 1, 28, 28), dtype=torch.uint8)
         >>> labels = torch.randint(0, 10, (100,))
         >>> loader = TensorLoader(images, labels, 32, mean=(0.286,), std=(0.353,), shuffle=True)
@@ -170,7 +170,7 @@ def make_loaders(
     test loader keeps the order and never augments.  Both normalise with the dataset's
     mean/std (see :data:`DATASETS`).
 
-    Example:
+    Examples:
         >>> train, test, meta = make_loaders("fashion_mnist", 128, "cpu", train_subset=5000)  # doctest: +SKIP
         >>> len(train), meta.in_channels  # doctest: +SKIP
         (40, 1)
@@ -201,7 +201,7 @@ def fake_loaders(
     For smoke tests of CIFAR configurations without the download: both loaders hold
     ``batch_size * num_batches`` images with uniformly random labels.
 
-    Example:
+    Examples:
         >>> train, test, meta = fake_loaders("cifar100", 8, 3)
         >>> x, y = next(iter(train))
         >>> tuple(x.shape), len(train), meta.num_classes

@@ -31,7 +31,7 @@ FASHION_MNIST_FILES = (
 class DatasetMeta:
     """What a model and a training loop need to know about a dataset.
 
-    Example:
+    Examples:
         >>> DATASETS["cifar100"].num_classes
         100
     """
@@ -70,7 +70,7 @@ def _dataset_meta(dataset: str) -> DatasetMeta:
 def data_cache_dir() -> Path:
     """Root for downloaded datasets: ``$BRANCHIFY_DATA`` or ``~/.cache/branchify``.
 
-    Example:
+    Examples:
         >>> data_cache_dir()  # doctest: +SKIP
         PosixPath('/home/me/.cache/branchify')
     """
@@ -101,7 +101,7 @@ def read_idx(path: str | Path) -> torch.Tensor:
     Raises:
         ValueError: if the file is not a well-formed idx file (wrong magic or size).
 
-    Example:
+    Examples:
         >>> images = read_idx("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")  # doctest: +SKIP
         >>> images.shape, images.dtype  # doctest: +SKIP
         (torch.Size([10000, 28, 28]), torch.uint8)
@@ -178,7 +178,7 @@ def find_fashion_mnist(root: str | Path | None = None) -> Path:
     Raises:
         FileNotFoundError: if every place fails; the message lists each place and why.
 
-    Example:
+    Examples:
         >>> find_fashion_mnist()  # doctest: +SKIP
         PosixPath('/usr/share/datasets/fashion-mnist')
     """
@@ -189,7 +189,7 @@ def find_fashion_mnist(root: str | Path | None = None) -> Path:
         if found is None:
             tried.append(f"{label} {directory}: {reason}")
             if warn:
-                warnings.warn(f"{label} {directory} {reason}; looking elsewhere for Fashion-MNIST")
+                warnings.warn(f"{label} {directory} {reason}; looking elsewhere for Fashion-MNIST", stacklevel=2)
         return found
 
     candidates: list[tuple[Path, str, bool]] = []
@@ -235,7 +235,7 @@ def stratified_subset(labels: torch.Tensor, size: int, seed: int = 0) -> torch.T
         ValueError: if ``size`` is not a positive multiple of the number of classes or a class
             has too few samples.
 
-    Example:
+    Examples:
         >>> labels = torch.arange(10).repeat(100)
         >>> idx = stratified_subset(labels, 50, seed=0)
         >>> torch.bincount(labels[idx]).tolist()
@@ -269,7 +269,7 @@ def load_fashion_mnist(
     Images are uint8 ``[N, 1, 28, 28]``, labels int64.  ``train_subset`` keeps a seeded,
     class-stratified subset of that many training images (the test set is always complete).
 
-    Example:
+    Examples:
         >>> x, y, xt, yt = load_fashion_mnist(train_subset=5000)  # doctest: +SKIP
         >>> x.shape, xt.shape  # doctest: +SKIP
         (torch.Size([5000, 1, 28, 28]), torch.Size([10000, 1, 28, 28]))
@@ -304,7 +304,7 @@ def load_cifar(
     Raises:
         FileNotFoundError: if the data is not in ``root`` and cannot be downloaded.
 
-    Example:
+    Examples:
         >>> x, y, xt, yt = load_cifar("cifar10")  # doctest: +SKIP
         >>> x.shape  # doctest: +SKIP
         torch.Size([50000, 3, 32, 32])

@@ -51,7 +51,7 @@ def build_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
     Raises:
         ValueError: if ``name`` is not a key of :data:`MODELS`; the message lists the valid names.
 
-    Example:
+    Examples:
         >>> import torch
         >>> net = build_model("resnet32", num_classes=10, in_channels=1)
         >>> net(torch.zeros(2, 1, 28, 28)).shape

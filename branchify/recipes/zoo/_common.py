@@ -8,7 +8,7 @@ from torch import nn
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
     """3x3 convolution with padding 1 and no bias (a BatchNorm always follows or precedes it).
 
-    Example:
+    Examples:
         >>> import torch
         >>> conv3x3(16, 32, stride=2)(torch.zeros(1, 16, 32, 32)).shape
         torch.Size([1, 32, 16, 16])
@@ -21,7 +21,7 @@ def conv3x3(in_channels: int, out_channels: int, stride: int = 1, groups: int = 
 def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     """1x1 convolution without bias, used for projections and bottlenecks.
 
-    Example:
+    Examples:
         >>> import torch
         >>> conv1x1(16, 64)(torch.zeros(1, 16, 8, 8)).shape
         torch.Size([1, 64, 8, 8])
@@ -36,7 +36,7 @@ def init_weights(model: nn.Module) -> None:
     weight 1 and bias 0, and Linear layers keep PyTorch's default initialisation.  Every zoo
     model uses this so that differences between families come from architecture, not init.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(conv3x3(3, 8), nn.BatchNorm2d(8))
         >>> init_weights(net)
         >>> net[1].weight.detach().mean().item()
@@ -55,7 +55,7 @@ def init_weights(model: nn.Module) -> None:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters of ``model`` (the figure papers report).
 
-    Example:
+    Examples:
         >>> count_parameters(nn.Linear(64, 100))
         6500
     """

@@ -67,7 +67,7 @@ class DenseNet(nn.Module):
         in_channels: 3 for CIFAR, 1 for Fashion-MNIST.
         bc: use bottleneck layers, compression 0.5 and a ``2k``-wide stem (DenseNet-BC).
 
-    Example:
+    Examples:
         >>> DenseNet(22, 4, num_classes=10, in_channels=1)(torch.zeros(2, 1, 28, 28)).shape
         torch.Size([2, 10])
     """
@@ -118,7 +118,7 @@ class DenseNet(nn.Module):
 def densenet40_12(num_classes: int = 10, in_channels: int = 3) -> DenseNet:
     """DenseNet-40 with growth rate 12 (BC-free): 1,060,132 parameters on CIFAR-100.
 
-    Example:
+    Examples:
         >>> densenet40_12(num_classes=100)(torch.zeros(1, 3, 32, 32)).shape
         torch.Size([1, 100])
     """

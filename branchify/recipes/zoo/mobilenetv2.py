@@ -32,7 +32,7 @@ _CIFAR_SETTING: tuple[tuple[int, int, int, int], ...] = (
 def make_divisible(value: float, divisor: int = 8) -> int:
     """Round ``value`` to the nearest multiple of ``divisor``, never going below 90% of it.
 
-    Example:
+    Examples:
         >>> make_divisible(24 * 0.5)
         16
     """
@@ -84,7 +84,7 @@ class MobileNetV2(nn.Module):
         num_classes: size of the ``fc`` output.
         in_channels: 3 for CIFAR, 1 for Fashion-MNIST.
 
-    Example:
+    Examples:
         >>> MobileNetV2(0.5, num_classes=10, in_channels=1)(torch.zeros(2, 1, 28, 28)).shape
         torch.Size([2, 10])
     """
@@ -127,7 +127,7 @@ class MobileNetV2(nn.Module):
 def mobilenetv2(width_mult: float = 0.5, num_classes: int = 10, in_channels: int = 3) -> MobileNetV2:
     """CIFAR MobileNetV2 with the given width multiplier (default 0.5, the KD student).
 
-    Example:
+    Examples:
         >>> mobilenetv2(num_classes=100)(torch.zeros(1, 3, 32, 32)).shape
         torch.Size([1, 100])
     """

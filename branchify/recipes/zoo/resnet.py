@@ -110,7 +110,7 @@ class CifarResNet(nn.Module):
         in_channels: 3 for CIFAR, 1 for Fashion-MNIST.
         block: ``"basic"`` (two 3x3 convs) or ``"bottleneck"`` (1x1-3x3-1x1, expansion 4).
 
-    Example:
+    Examples:
         >>> net = CifarResNet(20, num_classes=10, in_channels=1)
         >>> net(torch.zeros(2, 1, 28, 28)).shape
         torch.Size([2, 10])
@@ -165,7 +165,7 @@ class CifarResNet(nn.Module):
 def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     """ResNet-20 (BasicBlock, n=3): 278,324 parameters on CIFAR-100; the CPU demo's model.
 
-    Example:
+    Examples:
         >>> resnet20(num_classes=10, in_channels=1)(torch.zeros(1, 1, 28, 28)).shape
         torch.Size([1, 10])
     """
@@ -175,7 +175,7 @@ def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
 def resnet32(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     """ResNet-32 (BasicBlock, n=5): 472,756 parameters on CIFAR-100.
 
-    Example:
+    Examples:
         >>> resnet32(num_classes=100)(torch.zeros(1, 3, 32, 32)).shape
         torch.Size([1, 100])
     """
@@ -185,7 +185,7 @@ def resnet32(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
 def resnet110(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     """ResNet-110 (BasicBlock, n=18, He et al.'s 1.7M network): 1,736,564 parameters on CIFAR-100.
 
-    Example:
+    Examples:
         >>> resnet110(num_classes=10, in_channels=1)(torch.zeros(1, 1, 28, 28)).shape
         torch.Size([1, 10])
     """

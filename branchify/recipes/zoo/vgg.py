@@ -33,7 +33,7 @@ class VGG(nn.Module):
         num_classes: size of the ``fc`` output.
         in_channels: 3 for CIFAR, 1 for Fashion-MNIST.
 
-    Example:
+    Examples:
         >>> VGG(num_classes=10, in_channels=1)(torch.zeros(2, 1, 28, 28)).shape
         torch.Size([2, 10])
     """
@@ -74,7 +74,7 @@ class VGG(nn.Module):
 def vgg16(num_classes: int = 10, in_channels: int = 3) -> VGG:
     """VGG-16 with BN for CIFAR: 14,770,212 parameters on CIFAR-100.
 
-    Example:
+    Examples:
         >>> vgg16(num_classes=100)(torch.zeros(1, 3, 32, 32)).shape
         torch.Size([1, 100])
     """

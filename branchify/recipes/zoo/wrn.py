@@ -100,7 +100,7 @@ class WideResNet(nn.Module):
         in_channels: 3 for CIFAR, 1 for Fashion-MNIST.
         block: ``"bottleneck"`` (default, the papers' WRN-20-8) or ``"basic"``.
 
-    Example:
+    Examples:
         >>> net = WideResNet(16, 2, num_classes=10, in_channels=1, block="basic")
         >>> net(torch.zeros(2, 1, 28, 28)).shape
         torch.Size([2, 10])
@@ -170,7 +170,7 @@ def wrn(
 ) -> WideResNet:
     """Build a pre-activation Wide ResNet; see :class:`WideResNet` for the depth rules.
 
-    Example:
+    Examples:
         >>> wrn(16, 4, num_classes=100, block="basic")(torch.zeros(1, 3, 32, 32)).shape
         torch.Size([1, 100])
     """
@@ -180,7 +180,7 @@ def wrn(
 def wrn_20_8(num_classes: int = 10, in_channels: int = 3) -> WideResNet:
     """WRN-20-8 of the online-KD papers (bottleneck, 2 blocks/stage, 8x wide middle conv).
 
-    Example:
+    Examples:
         >>> wrn_20_8(num_classes=100)(torch.zeros(1, 3, 32, 32)).shape
         torch.Size([1, 100])
     """
