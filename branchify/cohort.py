@@ -29,6 +29,7 @@ from branchify.contract import LeafModel
 from branchify.errors import BranchifyError
 from branchify.outputs import BranchedOutput, classifier_logits
 from branchify.spec import INPUT, Spec
+from branchify.views import HasViews
 
 
 class CohortError(BranchifyError, ValueError):
@@ -111,7 +112,7 @@ def call_peer(net: nn.Module, args: tuple, kwargs: dict) -> Any:
     return net(*args, **kwargs)
 
 
-class Cohort(LeafModel):
+class Cohort(HasViews, LeafModel):
     """Separate networks as the leaves of one model: DML / OKDDip (network-based) / MD peers.
 
     The networks are registered as submodules *as they are* (no copy): ``cohort.peers[i]`` is
@@ -254,14 +255,16 @@ class Cohort(LeafModel):
 
     # ------------------------------------------------------------------ forward
     def forward_leaves(self, *args: Any, **kwargs: Any) -> BranchedOutput:
-        """Run every peer on the same inputs; leaves in peer order."""
+        """Run every peer on the same inputs (on its own view with :meth:`set_views`, in training
+        mode); leaves in peer order."""
         logits, feats = [], []
+        views = self.draw_views(args)
         for i, net in enumerate(self.peers):
             box: list = []
             head = self.head_paths[i]
             where = _feature_module(net, head, net.get_submodule(head)) if head is not None else None
             with _capture_input(where, box):
-                z = peer_logits(call_peer(net, args, kwargs))
+                z = peer_logits(call_peer(net, args if views is None else (views[i], *args[1:]), kwargs))
             f = box[-1] if box else None
             if where is not None and f is None:
                 raise CohortError(f"peer {i} ({self.names[i]}): its classifier {head!r} did not run in forward; "

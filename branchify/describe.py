@@ -8,6 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .surgery.batched import model_key as _key
+from .views import views_cost
 
 
 if TYPE_CHECKING:
@@ -127,4 +128,9 @@ def describe(model: "BranchedModel", *example_inputs: Any, **kwargs: Any) -> str
     if target_flops:
         lines.append(f"training cost vs the original model: {total_f / target_flops:.2f}x forward FLOPs; "
                      f"deployed leaf costs 1.00x")
+    if getattr(model, "views", None) is not None:  # branchify.views: every leaf's path runs on its own view
+        with_views, without = views_cost(model, flops)
+        lines.append(f"per-leaf views (training mode): the shared segments run once per leaf - "
+                     f"{_fmt(with_views)} forward FLOPs per batch instead of {_fmt(without)} "
+                     f"({with_views / max(without, 1):.2f}x); eval runs the tree once")
     return "\n".join(lines)

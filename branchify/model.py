@@ -19,6 +19,7 @@ from .surgery.deepen import deepened_skeleton
 from .surgery.partition import REQUIRED
 from .surgery.runner import TreeLayout, run_tree
 from .surgery.widths import consumer_width
+from .views import HasViews, run_views
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -40,7 +41,7 @@ class _Store(nn.Module):
         return [(k, getattr(self, f"t{i}")) for i, k in enumerate(self.names)]
 
 
-class BranchedModel(LeafModel):
+class BranchedModel(HasViews, LeafModel):
     """A model cut into a tree of independently-weighted branches.
 
     Built by :func:`branchify.branchify`. ``forward`` takes the original model's inputs and returns a
@@ -115,6 +116,15 @@ class BranchedModel(LeafModel):
         return self._final_linear_in if self.layout.heads[1] is not None else None
 
     @property
+    def num_classes(self) -> int | None:
+        """Classes of the logits: ``out_features`` of the leaves' final Linear, if there is one."""
+        if self._final_linear_in is None:
+            return None
+        heads = [m for m in self.segments[_key(self.leaf_paths[0])].modules()
+                 if isinstance(m, nn.Linear) and m.in_features == self._final_linear_in]
+        return heads[-1].out_features if heads else None
+
+    @property
     def feature_map_channels(self) -> int | None:
         """Channels of ``feature_maps`` (they pool straight into the features)."""
         return self._final_linear_in if self.layout.heads[2] is not None else None
@@ -156,8 +166,11 @@ class BranchedModel(LeafModel):
             self.example_inputs = tuple((k, tuple(v.shape), v.dtype) for k, v in env.items()
                                         if isinstance(v, torch.Tensor))
         device = next((v.device for v in env.values() if isinstance(v, torch.Tensor)), None)
-        vmap = bool(self._batch_plan.groups) and wants_vmap(self._batched, device)
-        res = run_tree(self.segments, self.layout, self._batch_plan, env, vmap=vmap, strict=self._batched is True)
+        if self._views is not None and self.training:  # per-leaf views: each path runs on its own view
+            res = run_views(self._views, self, self.segments, self.layout, env, self.model_inputs[0][0])
+        else:
+            vmap = bool(self._batch_plan.groups) and wants_vmap(self._batched, device)
+            res = run_tree(self.segments, self.layout, self._batch_plan, env, vmap=vmap, strict=self._batched is True)
         return BranchedOutput(logits=res.logits, features=res.features, feature_maps=res.feature_maps,
                               cuts=res.cuts, leaf_paths=self.leaf_paths)
 

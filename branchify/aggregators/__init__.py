@@ -7,6 +7,8 @@ Example:
 """
 from branchify.aggregators.accuracy_weighted import AccuracyWeighted
 from branchify.aggregators.base import Aggregator, AggregatorError, KDTerm, Targets
+from branchify.aggregators.compose import Compose
+from branchify.aggregators.feature_fusion import FeatureFusion
 from branchify.aggregators.gate import Gate
 from branchify.aggregators.hierarchical_ta import HierarchicalTA
 from branchify.aggregators.mean import Mean
@@ -14,5 +16,5 @@ from branchify.aggregators.pairwise import Pairwise
 from branchify.aggregators.peer_mean import PeerMean
 from branchify.aggregators.peer_attention import PeerAttention
 
-__all__ = ["AccuracyWeighted", "Aggregator", "AggregatorError", "Gate", "HierarchicalTA", "KDTerm", "Mean",
-           "Pairwise", "PeerAttention", "PeerMean", "Targets"]
+__all__ = ["AccuracyWeighted", "Aggregator", "AggregatorError", "Compose", "FeatureFusion", "Gate", "HierarchicalTA",
+           "KDTerm", "Mean", "Pairwise", "PeerAttention", "PeerMean", "Targets"]

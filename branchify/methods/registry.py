@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from torch import nn
@@ -12,6 +12,7 @@ from ..build import branchify
 from ..errors import BranchifyError
 from ..online_kd import OnlineKD
 from ..spec import Spec
+from ..views import check_views
 
 if TYPE_CHECKING:
     from ..model import BranchedModel
@@ -20,6 +21,9 @@ Builder = Callable[[nn.Module, dict], tuple[Spec, Aggregator, dict]]
 
 BRANCHIFY_OPTIONS = ("model_fn", "tracer", "feature_node", "batched")
 """Options every preset passes to :func:`branchify.branchify` instead of its builder."""
+
+MODEL_OPTIONS = ("views",)
+"""Options every preset sets on the built model: ``views`` -> ``model.set_views`` (:mod:`branchify.views`)."""
 
 
 class MethodError(BranchifyError, ValueError):
@@ -101,6 +105,13 @@ class Resolved:
     loss_kwargs: dict[str, Any]
     branchify_kwargs: dict[str, Any]
     split_reason: str | None  # how the default split was chosen (None when split= was given)
+    model_options: dict[str, Any] = field(default_factory=dict)  # MODEL_OPTIONS given: apply_model_options
+
+
+def apply_model_options(branched: Any, options: dict[str, Any]) -> None:
+    """Set :data:`MODEL_OPTIONS` on a built model (``views`` -> ``branched.set_views``)."""
+    if options.get("views") is not None:
+        branched.set_views(options["views"])
 
 
 def resolve(name: str, model: nn.Module, overrides: dict[str, Any]) -> Resolved:
@@ -114,17 +125,20 @@ def resolve(name: str, model: nn.Module, overrides: dict[str, Any]) -> Resolved:
         if "split" in overrides:
             raise MethodError("give split= or splits= (the same option), not both")
         overrides = {**{k: v for k, v in overrides.items() if k != "splits"}, "split": overrides["splits"]}
-    valid = sorted({*preset.defaults, *BRANCHIFY_OPTIONS})
+    valid = sorted({*preset.defaults, *BRANCHIFY_OPTIONS, *MODEL_OPTIONS})
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
         hints = "".join(nearest(u, valid) for u in unknown)
         raise MethodError(f"method {preset.name!r} does not take {unknown}{hints}\n"
                           f"valid options: {', '.join(valid)}")
-    options = {**preset.defaults, **{k: v for k, v in overrides.items() if k not in BRANCHIFY_OPTIONS},
+    passed_on = (*BRANCHIFY_OPTIONS, *MODEL_OPTIONS)
+    options = {**preset.defaults, **{k: v for k, v in overrides.items() if k not in passed_on},
                "tracer": overrides.get("tracer")}  # builders trace with it when they choose a split
     spec, aggregator, loss_kwargs = preset.build(model, options)
     branchify_kwargs = {k: overrides[k] for k in BRANCHIFY_OPTIONS if k in overrides}
-    return Resolved(spec, aggregator, loss_kwargs, branchify_kwargs, options.get("_split_reason"))
+    model_options = {k: overrides[k] for k in MODEL_OPTIONS if k in overrides}
+    check_views(model_options.get("views"))
+    return Resolved(spec, aggregator, loss_kwargs, branchify_kwargs, options.get("_split_reason"), model_options)
 
 
 def method(name: str, model: nn.Module, **overrides: Any) -> tuple["BranchedModel", OnlineKD]:
@@ -133,7 +147,8 @@ def method(name: str, model: nn.Module, **overrides: Any) -> tuple["BranchedMode
     The aggregator is attached to the branched model (``model.aggregator``), so optimising
     ``model.parameters()`` trains it. Overrides change the preset's defaults (each preset's
     options: ``get_preset(name).defaults``); ``model_fn``, ``tracer``, ``feature_node`` and
-    ``batched`` go to :func:`branchify.branchify`. A wrong name lists every valid option.
+    ``batched`` go to :func:`branchify.branchify`; ``views`` gives every leaf its own view of the batch
+    (:mod:`branchify.views`). A wrong name lists every valid option.
 
     Example:
         >>> bm, okd = method("okddip", cifar_resnet32(), branches=5, space="prob")   # doctest: +SKIP
@@ -142,4 +157,5 @@ def method(name: str, model: nn.Module, **overrides: Any) -> tuple["BranchedMode
     r = resolve(name, model, overrides)
     branched = branchify(model, r.spec, **r.branchify_kwargs)
     branched.split_reason = r.split_reason
+    apply_model_options(branched, r.model_options)
     return branched, OnlineKD(branched, r.aggregator, **r.loss_kwargs)

@@ -17,6 +17,7 @@ from torch import nn
 
 from branchify.build import branchify
 from branchify.methods import resolve
+from branchify.methods.registry import apply_model_options
 from branchify.online_kd import OnlineKD
 from branchify.surgery.default_split import default_splits, pick_blocks
 
@@ -120,5 +121,6 @@ def branchify_hf(model: nn.Module, method: str = "one", *, split: str | Sequence
             resolved, reason = resolve(method, model, options), decoder[1]
     branched = branchify(model, resolved.spec, **resolved.branchify_kwargs)
     branched.split_reason = reason
+    apply_model_options(branched, resolved.model_options)
     okd = OnlineKD(branched, resolved.aggregator, **resolved.loss_kwargs)
     return BranchedHFModel(branched, okd, model, task=task)
