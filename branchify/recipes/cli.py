@@ -64,6 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="train data-parallel (DDP) on N local processes: re-launches under torchrun "
                         "(gloo on CPU, nccl on CUDA); --batch-size is the global batch")
     p.add_argument("--threads", type=int, help="torch CPU threads per process (torch.set_num_threads)")
+    p.add_argument("--codistill", type=int, metavar="GROUPS",
+                   help="codistillation: GROUPS model copies, each data parallel on --nproc/GROUPS processes, "
+                        "distilling from each other (see branchify.recipes.codistill_cli)")
+    p.add_argument("--exchange-every", type=int, metavar="K", help="codistillation: steps between exchanges")
+    p.add_argument("--group", type=int, help="codistillation: run (or --resume) only this group")
     p.add_argument("--no-plots", action="store_true", help="skip accuracy.png and trees.png (no matplotlib)")
     return p.parse_args(argv)
 
@@ -196,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from .codistill_cli import main as codistill_main
+    from .codistill_cli import wants_codistill
+
+    if wants_codistill(args):
+        return codistill_main(args, argv, plan_from_args, _fail)
     try:
         plan, out, resume = plan_from_args(args)
         world = int(os.environ.get("WORLD_SIZE", "1"))
