@@ -25,9 +25,11 @@ from .outputs import BranchedOutput
 from .spec import INPUT, Spec, SpecError
 from .surgery.split_points import split_points
 from .surgery.tracing import Tracer, TraceError, trace
+from .temporal import TemporalMean
 
 __version__ = "0.2.0"
 
 __all__ = ["BranchedModel", "BranchedOutput", "BranchifyError", "Cohort", "INPUT", "LeafModel", "LossOutput",
            "OnlineKD", "Spec", "SpecError", "Tracer", "TraceError", "aggregators", "available_methods", "branchify",
-           "method", "methods", "metrics", "schedules", "split_points", "trace", "viz"]
+           "method", "methods", "metrics", "schedules", "split_points", "TemporalMean",
+           "trace", "viz"]

@@ -298,6 +298,9 @@ class Cohort(HasViews, LeafModel):
             >>> torch.equal(net(x), cohort(x).logits[0])            # doctest: +SKIP
             True
         """
+        temporal = self._modules.get("temporal")
+        if temporal is not None and temporal.deploy:  # the method deploys the temporal mean
+            return temporal.export(i)
         return copy.deepcopy(self.peers[self._index(i)])
 
     def ensemble(self, weights: Sequence[float] | None = None) -> nn.Module:

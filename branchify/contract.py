@@ -56,7 +56,8 @@ def _cast(out: BranchedOutput, dtype: torch.dtype) -> BranchedOutput:
 
     return replace(out, logits=[cast(z) for z in out.logits], features=[cast(f) for f in out.features],
                    feature_maps=[cast(f) for f in out.feature_maps],
-                   cuts={k: cast(v) for k, v in out.cuts.items()})
+                   cuts={k: cast(v) for k, v in out.cuts.items()},
+                   temporal=_cast(out.temporal, dtype) if out.temporal is not None else None)
 
 
 class LeafModel(nn.Module, abc.ABC):
@@ -142,8 +143,13 @@ class LeafModel(nn.Module, abc.ABC):
 
     # ------------------------------------------------------------------ forward and deployment
     def forward(self, *args: Any, **kwargs: Any) -> BranchedOutput:
-        """The leaves' outputs and, in ``out.targets``, the aggregator's teacher targets."""
-        return self.aggregate(self.forward_leaves(*args, **kwargs))
+        """The leaves' outputs and, in ``out.targets``, the aggregator's teacher targets (and, with a
+        :class:`~branchify.temporal.TemporalMean` attached, its outputs in ``out.temporal``)."""
+        out = self.forward_leaves(*args, **kwargs)
+        temporal = self._modules.get("temporal")
+        if temporal is not None:
+            out = replace(out, temporal=temporal(*args, **kwargs))
+        return self.aggregate(out)
 
     @abc.abstractmethod
     def forward_leaves(self, *args: Any, **kwargs: Any) -> BranchedOutput:

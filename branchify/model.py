@@ -212,6 +212,9 @@ class BranchedModel(HasViews, LeafModel):
             >>> type(student) is torchvision.models.ResNet
             True
         """
+        temporal = self._modules.get("temporal")
+        if temporal is not None and temporal.deploy:  # the method deploys the temporal mean
+            return temporal.export(leaf)
         path = self._leaf_path(leaf)
         leaf_idx = self.leaf_paths.index(path)
         sd = self.export_state_dict(leaf_idx)

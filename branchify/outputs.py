@@ -83,6 +83,8 @@ class BranchedOutput:
         leaf_paths: the tree path of every leaf, same order as ``logits``.
         targets: the teacher targets the model's aggregator built from this output (``None``
             until :meth:`branchify.contract.LeafModel.aggregate` ran; empty without an aggregator).
+        temporal: the temporal-mean (EMA) copy's leaf outputs on the same inputs, detached
+            (:class:`branchify.temporal.TemporalMean`; ``None`` when the model has none).
     """
 
     logits: list[torch.Tensor]
@@ -91,6 +93,7 @@ class BranchedOutput:
     cuts: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
     leaf_paths: list[tuple[int, ...]] = field(default_factory=list)
     targets: Targets | None = None
+    temporal: "BranchedOutput | None" = None
 
     @property
     def num_leaves(self) -> int:
@@ -137,4 +140,4 @@ def _register(cls: type, tensors: tuple[str, ...], context: tuple[str, ...]) -> 
 
 _register(KDTerm, ("teacher", "student", "teacher_log_weights"), ("name", "weight", "detach"))
 _register(Targets, ("kd", "ce"), ())
-_register(BranchedOutput, ("logits", "features", "feature_maps", "cuts", "targets"), ("leaf_paths",))
+_register(BranchedOutput, ("logits", "features", "feature_maps", "cuts", "targets", "temporal"), ("leaf_paths",))

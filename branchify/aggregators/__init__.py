@@ -15,6 +15,7 @@ from branchify.aggregators.mean import Mean
 from branchify.aggregators.pairwise import Pairwise
 from branchify.aggregators.peer_mean import PeerMean
 from branchify.aggregators.peer_attention import PeerAttention
+from branchify.aggregators.weighted_mean import WeightedMean, fit_ensemble_weights
 
 __all__ = ["AccuracyWeighted", "Aggregator", "AggregatorError", "Compose", "FeatureFusion", "Gate", "HierarchicalTA",
-           "KDTerm", "Mean", "Pairwise", "PeerAttention", "PeerMean", "Targets"]
+           "KDTerm", "Mean", "Pairwise", "PeerAttention", "PeerMean", "Targets", "WeightedMean", "fit_ensemble_weights"]

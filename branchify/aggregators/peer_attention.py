@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from branchify.aggregators.base import (Aggregator, AggregatorError, KDTerm, Targets, _model_attr,
+from branchify.aggregators.base import (Aggregator, AggregatorError, KDTerm, Targets, _model_attr, pool,
                                         require_size)
 from branchify.outputs import BranchedOutput
 
@@ -36,8 +36,23 @@ class PeerAttention(Aggregator):
     Peers are leaves, so the same aggregator serves branch-based trees and network-based
     cohorts (``split="<input>"``).
 
+    What the attention reads: the authors' ``h_a`` is the average-pooled output of peer a's last
+    stage, i.e. the input of its final Linear (``out.features``). A model whose classifier is a
+    convolution (SqueezeNet's 1x1 conv, timm's DLA) has no such vector; there ``h_a`` is the map
+    that convolution reads, average-pooled (``out.feature_maps``, width measured from the conv's
+    input channels) - the same quantity one layer earlier in the head. The logits are not used as
+    a fallback: they are what the attention mixes, their width is the class count (2 classes would
+    leave a 1-d projection), and the authors compare representations, not predictions.
+
+    Numerics: the energies are evaluated from ``q`` and ``k`` scaled by per-sample powers of two
+    (exact), their row maximum subtracted before the scale is put back, so ``log alpha`` is the
+    same wherever ``q . k`` is finite and stays finite where ``q . k`` itself would overflow (fp16
+    from features of a few hundred, fp32 from ~1e19: an eval-mode MNASNet after one step on a batch
+    of two, whose BatchNorm running statistics have not moved, see ``_log_attention``).
+
     Args:
-        channels: width of ``out.features`` (``model.feature_dim`` when bound).
+        channels: width of the features the attention reads (bound: ``model.feature_dim``, else
+            ``model.feature_map_channels``).
         num_leaves: number of leaves including the leader (``model.num_leaves`` when bound).
         leader: ``"target"`` (default: the model's deployed leaf, ``model.spec.target``), a leaf
             index, or ``None`` for no leader (every leaf is a peer; the authors' ``en`` mode).
@@ -45,7 +60,7 @@ class PeerAttention(Aggregator):
         space: ``"logits"`` or ``"prob"``, see above.
         detach: default detach rule of the KD terms.
 
-    Example:
+    Examples:
         >>> from branchify.outputs import BranchedOutput
         >>> att = PeerAttention(channels=64, num_leaves=4, leader=0)
         >>> out = BranchedOutput([torch.randn(2, 10) for _ in range(4)],
@@ -74,6 +89,8 @@ class PeerAttention(Aggregator):
     def _bind_sizes(self, model) -> None:
         if self.channels is None:
             self.channels = _model_attr(model, "feature_dim")
+        if self.channels is None:  # a conv classifier: its input map, pooled
+            self.channels = _model_attr(model, "feature_map_channels")
         if self.leader == "target":
             spec = getattr(model, "spec", None)
             self.leader = int(getattr(spec, "target", 0)) if spec is not None else 0
@@ -102,16 +119,20 @@ class PeerAttention(Aggregator):
     def attention(self, out: BranchedOutput) -> torch.Tensor:
         """Log attention ``log alpha`` of shape ``[B, ..., P, P]`` (row a: how peer a weighs peer b)."""
         if self.w_l is None or self.w_e is None:
-            require_size(self.channels, "the width of out.features", "channels", "PeerAttention")
+            require_size(self.channels, "the width of out.features (or of out.feature_maps)", "channels",
+                         "PeerAttention")
         peers = self.peers(out.num_leaves)
         feats = [out.features[k] for k in peers]
         if any(f is None for f in feats):
-            raise AggregatorError("PeerAttention needs the penultimate features of every peer but "
-                                  "out.features has None (the model has no final Linear); build the "
-                                  "branched model with feature_node=<module path> to choose them")
+            maps = [out.feature_maps[k] for k in peers]
+            if any(m is None for m in maps):
+                raise AggregatorError("PeerAttention needs the penultimate features of every peer but the "
+                                      "model reports neither out.features (no final Linear) nor the map a "
+                                      "conv classifier reads; build the branched model with "
+                                      "feature_node=<module path> to choose them")
+            feats = [pool(m, self.channels) for m in maps]
         h = torch.stack(feats, dim=-2)  # [B, ..., P, C]
-        energy = self.w_l(h) @ self.w_e(h).transpose(-1, -2)
-        return F.log_softmax(energy, dim=-1)
+        return _log_attention(self.w_l(h), self.w_e(h))
 
     def forward(self, out: BranchedOutput) -> Targets:
         k_leaves = self._check_leaves(out)
@@ -139,3 +160,34 @@ class PeerAttention(Aggregator):
                 kd.append(KDTerm(f"leaf{leader}", teacher=z, student=out.logits[leader],
                                  detach=self.detach, teacher_log_weights=uniform))
         return Targets(kd=kd, ce={})
+
+
+def _pow2_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per sample (over the last two dims) a power of two ``>= 1`` within a factor 2 of ``max |x|``."""
+    peak = x.detach().abs().amax(dim=(-2, -1), keepdim=True)
+    _, exponent = torch.frexp(peak)
+    return torch.ldexp(torch.ones_like(peak), (exponent - 1).clamp(min=0)).to(x.dtype)
+
+
+def _log_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``log_softmax_b(q_a . k_b)`` for ``q``, ``k`` of shape ``[..., P, d]``, without forming an
+    energy that overflows.
+
+    ``q . k`` is quadratic in the features, so it reaches inf (fp32 from |h| ~ 1e19, fp16 from a
+    few hundred) while ``q`` and ``k`` are finite; a row holding +inf and -inf turns into NaN.
+    Dividing ``q`` and ``k`` by powers of two is exact, so ``e = (q / s_q) . (k / s_k)`` is the
+    energy scaled by ``1 / (s_q s_k)`` with the same rounding; the row maximum is removed in that
+    scale and ``s_q s_k`` put back one factor at a time, giving the energies minus their row maximum
+    (<= 0; overflow can only reach -inf, i.e. a zero weight). log-softmax is shift-invariant, so the
+    result is the authors' ``log softmax(q k^T)`` wherever that is finite.
+
+    Examples:
+        >>> q = torch.tensor([[[1e20, 0.0], [0.0, 1e20]]])
+        >>> _log_attention(q, q).exp()
+        tensor([[[1., 0.],
+                 [0., 1.]]])
+    """
+    s_q, s_k = _pow2_scale(q), _pow2_scale(k)
+    e = (q / s_q) @ (k / s_k).transpose(-1, -2)
+    e = (e - e.amax(dim=-1, keepdim=True).detach()) * s_q * s_k
+    return F.log_softmax(e, dim=-1)

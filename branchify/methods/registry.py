@@ -82,7 +82,7 @@ def available_methods() -> list[str]:
 
     Example:
         >>> available_methods()
-        ['ahbf', 'cl_ilr', 'dml', 'okddip', 'one', 'tsa', 'u_tsa']
+        ['ahbf', 'cl_ilr', 'dml', 'kdcl', 'okddip', 'one', 'tsa', 'u_tsa']
     """
     return sorted(_REGISTRY)
 

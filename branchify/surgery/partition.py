@@ -22,9 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..spec import INPUT, SpecError
-from .tracing import node_module_path, node_module_paths
+from .tracing import node_module_paths
 
 _LINEAR_FUNCS = {F.linear, torch._C._nn.linear}
+# A convolution nearer the logits than any Linear is a conv classifier (SqueezeNet, timm's DLA / DPN).
+_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_FUNCS = {F.conv1d, F.conv2d, F.conv3d}
 _POOL_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AvgPool2d,
                  nn.AdaptiveMaxPool2d)
 _POOL_FUNCS = {F.adaptive_avg_pool2d, F.adaptive_avg_pool1d, F.avg_pool2d, F.adaptive_max_pool2d,
@@ -138,28 +141,46 @@ def _find_by_name(gm: fx.GraphModule, name: str) -> fx.Node:
                     f"traced model; nearest: {near}")
 
 
-def find_heads(gm: fx.GraphModule, feature_node: str | None):
-    """(logits node, penultimate-feature node, pre-pooling feature-map node, final Linear)."""
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    logits = out.args[0]
-    if not isinstance(logits, fx.Node):
-        raise SpecError(f"the traced model returns {type(logits).__name__} ({logits!r:.80}), not one "
-                        f"logits tensor; wrap the model so forward returns the logits tensor")
-    linear_node = None
+def _classifier_kind(node: fx.Node, gm: fx.GraphModule) -> str | None:
+    """``"linear"`` or ``"conv"`` when ``node`` runs a Linear / a convolution, else ``None``."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        return "linear" if isinstance(m, nn.Linear) else "conv" if isinstance(m, _CONV_MODULES) else None
+    if node.op == "call_function":
+        return "linear" if node.target in _LINEAR_FUNCS else "conv" if node.target in _CONV_FUNCS else None
+    return None
+
+
+def _nearest_classifier(logits: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node | None, str | None]:
+    """The Linear or convolution nearest the logits (breadth-first over the inputs), and its kind."""
     frontier, seen = [logits], set()
-    while frontier and linear_node is None:
+    while frontier:
         nxt = []
         for n in frontier:
             if n in seen:
                 continue
             seen.add(n)
-            is_lin = (n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Linear)) or (
-                n.op == "call_function" and n.target in _LINEAR_FUNCS)
-            if is_lin:
-                linear_node = n
-                break
+            kind = _classifier_kind(n, gm)
+            if kind is not None:
+                return n, kind
             nxt.extend(n.all_input_nodes)
         frontier = nxt
+    return None, None
+
+
+def find_heads(gm: fx.GraphModule, feature_node: str | None):
+    """(logits node, penultimate-feature node, pre-pooling feature-map node, final Linear).
+
+    With a conv classifier (SqueezeNet's 1x1 convolution) there are no flat penultimate features
+    unless ``feature_node`` names them; the feature map is then the map that convolution reads.
+    """
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    logits = out.args[0]
+    if not isinstance(logits, fx.Node):
+        raise SpecError(f"the traced model returns {type(logits).__name__} ({logits!r:.80}), not one "
+                        f"logits tensor; wrap the model so forward returns the logits tensor")
+    head, kind = _nearest_classifier(logits, gm)
+    linear_node = head if kind == "linear" else None
     final_linear = gm.get_submodule(linear_node.target) if (
         linear_node is not None and linear_node.op == "call_module") else None
     if feature_node is not None:
@@ -173,6 +194,8 @@ def find_heads(gm: fx.GraphModule, feature_node: str | None):
         cand = _strip_pass(feat, gm, reshapes=True)
         if _is_pool(cand, gm):
             fmap = cand.args[0]
+    elif kind == "conv":
+        fmap = _strip_pass(head.args[0], gm)
     return logits, feat, fmap, final_linear
 
 
@@ -194,6 +217,7 @@ def partition(gm: fx.GraphModule, splits: list[str], feature_node: str | None = 
         raise SpecError(f"the last split {splits[-1]!r} comes after the logits are computed; the "
                         f"last level would be empty - choose a split before the classifier")
     heads = [x for x in (logits, feat, fmap) if x is not None]
+    _keep_intact(gm, [x for x in (feat, fmap) if x is not None])
 
     levels, level_inputs, level_outputs, cut_names = [], [], [], [None]
     model_inputs = [(n.name, str(n.target), n.args[0] if n.args else REQUIRED)
@@ -236,6 +260,19 @@ def partition(gm: fx.GraphModule, splits: list[str], feature_node: str | None = 
     part.tied = _tied_parameters(levels)
     part.unexecuted = _unexecuted_keys(gm, levels)
     return part
+
+
+def _keep_intact(gm: fx.GraphModule, heads: list[fx.Node]) -> None:
+    """Make the in-place ops that read a head out of place: MNASNet's and EfficientNet's
+    ``Dropout(inplace=True)`` after the pooled features would otherwise overwrite the features the
+    aggregators read (OKDDip's attention) with their dropped-out copy in training. Only the traced
+    copy changes; the exported model keeps the original modules."""
+    for head in heads:
+        for user in head.users:
+            if user.op == "call_module" and getattr(gm.get_submodule(user.target), "inplace", False):
+                gm.get_submodule(user.target).inplace = False
+            elif user.op == "call_function" and user.kwargs.get("inplace", False):
+                user.kwargs = {**user.kwargs, "inplace": False}
 
 
 def _tied_parameters(levels: list[fx.GraphModule]) -> dict[str, dict[int, list[str]]]:

@@ -78,5 +78,6 @@ def test_no_leader_mode_and_errors(fake_model, output):
         PeerAttention(space="probs")
     out = output(k=3)
     out.features = [None] * 3
+    out.feature_maps = [None] * 3  # with maps (a conv classifier's input) the attention pools them
     with pytest.raises(AggregatorError, match="feature_node"):
         PeerAttention(channels=16, leader=0)(out)

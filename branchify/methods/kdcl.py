@@ -1,0 +1,70 @@
+"""KDCL (Guo et al., CVPR 2020): separate networks, each on its own distorted input, distil from their ensemble.
+
+No official code; the defaults are those of the two public re-implementations, which agree:
+
+- ``tianlizhang/OKDPH@a562089``, ``src/03_KDCL.py``: lines 40-42 run net ``k`` on its own view
+  ``imgs[:, k]``; line 44 ``stable_out = mean_k(out_k).detach()`` (naive mean of the logits);
+  lines 47-54 ``loss_k = (1 - alpha) CE(out_k) + alpha T^2 KLDiv_batchmean(log_softmax(out_k / T),
+  softmax(stable_out / T))``; ``--alpha 0.5`` and ``--T 4.0`` (lines 130-131), two ResNet-32s (line
+  114), per-network augmentation seeds (lines 141-148: ``hflip+rot_seed`` on CIFAR-100).
+- ``shaoeric/Online-Knowledge-Distillation-via-Collaborative-Learning@1ba5461``, ``train.py``:
+  lines 63-85, the same loss (``--T 4.0``, ``--alpha 0.5``, lines 17-19), two networks that may
+  differ (``--model_names``), each on its own transformed copy of the image (``data.py``).
+
+Tree: ``split="<input>"`` - no shared trunk, ``branches`` = 2 whole networks (KDCL's peers are
+separate networks; any ``split=`` gives a shared-trunk variant, which KDCL is not). Different
+architectures: build a :class:`~branchify.Cohort` and pass the aggregator to ``OnlineKD`` by hand.
+Aggregator: ``ensemble="mean"`` (default, KDCL-Naive as both codes) -
+:class:`~branchify.aggregators.Mean` (detached); ``ensemble="linear"`` (KDCL-Linear) -
+:class:`~branchify.aggregators.WeightedMean` with ``weights`` (fit them on held-out logits with
+:func:`~branchify.aggregators.fit_ensemble_weights`). Loss: ``(1 - alpha) CE + alpha T^2 KL``,
+``alpha = 0.5``, T = 4, no ramp.
+
+Views: each network sees its own distortion in both codes. That is the data pipeline's job here:
+pass ``views=`` (:mod:`branchify.views`, e.g. ``bf.views.crop_flip(4)`` on un-augmented batches, or
+``bf.views.stacked()`` for a loader yielding ``[B, K, ...]``); without it every network sees the
+same batch. The extra augmentation is part of KDCL's reported gain: compare against a baseline
+trained with the same augmentation (docs/methods/kdcl.md).
+"""
+from __future__ import annotations
+
+from ..aggregators import Mean, WeightedMean
+from ..spec import INPUT, Spec
+from .common import COMMON, as_splits, branches, choice, loss_kwargs
+from .registry import MethodError, Preset, register_method
+
+DEFAULTS = {**COMMON, "branches": 2, "temperature": 4.0, "alpha": 0.5, "ce_weight": None, "kd_weight": None,
+            "ensemble": "mean", "weights": None}
+ENSEMBLES = {"mean": "KDCL-Naive: mean of the networks' logits (both re-implementations)",
+           "linear": "KDCL-Linear: weighted sum of the logits with weights=[...] (fit_ensemble_weights)"}
+
+
+def alpha_loss(o: dict) -> dict:
+    """OnlineKD options with ``ce_weight = 1 - alpha`` and ``kd_weight = alpha`` unless given."""
+    a = float(o["alpha"])
+    if not 0 <= a <= 1:
+        raise MethodError(f"alpha={a} must be in [0, 1] (CE weight 1 - alpha, KD weight alpha)")
+    kw = loss_kwargs(o)
+    kw["ce_weight"] = 1.0 - a if o["ce_weight"] is None else o["ce_weight"]
+    kw["kd_weight"] = a if o["kd_weight"] is None else o["kd_weight"]
+    return kw
+
+
+def build(model, o):
+    splits = [INPUT] if o["split"] is None else as_splits(o, 1, model)
+    k = branches(o, 2)
+    spec = Spec(splits=splits, fanout=[k], target=o["target"], init=o["init"])
+    if choice(o, "ensemble", ENSEMBLES) == "mean":
+        if o["weights"] is not None:
+            raise MethodError("weights= is for ensemble='linear'; ensemble='mean' weighs every network equally")
+        teacher = Mean()
+    else:
+        if o["weights"] is None or len(o["weights"]) != k:
+            raise MethodError(f"ensemble='linear' needs weights=[...] with one weight per network ({k}); fit them "
+                              f"with branchify.aggregators.fit_ensemble_weights(held_out_logits, labels)")
+        teacher = WeightedMean(o["weights"])
+    return spec, teacher, alpha_loss(o)
+
+
+PRESET = register_method(Preset("kdcl", "KDCL: 2 whole networks (split '<input>'), each on its own view, "
+                                        "mean-logit soft target, (1-a) CE + a KD, a = 0.5, T = 4", DEFAULTS, build))
