@@ -112,8 +112,8 @@ class BranchedModel(HasViews, LeafModel):
 
     @property
     def feature_dim(self) -> int | None:
-        """Width of ``features`` (in_features of the final Linear), if known."""
-        return self._final_linear_in if self.layout.heads[1] is not None else None
+        """Width of ``features`` (in_features of the final Linear, else measured), if known."""
+        return self._head_width(self.layout.heads[1])
 
     @property
     def num_classes(self) -> int | None:
@@ -126,8 +126,18 @@ class BranchedModel(HasViews, LeafModel):
 
     @property
     def feature_map_channels(self) -> int | None:
-        """Channels of ``feature_maps`` (they pool straight into the features)."""
-        return self._final_linear_in if self.layout.heads[2] is not None else None
+        """Channels of ``feature_maps``: they pool straight into the features, or a conv classifier
+        reads them (SqueezeNet), whose input channels are then measured."""
+        return self._head_width(self.layout.heads[2])
+
+    def _head_width(self, name: str | None) -> int | None:
+        if name is None:
+            return None
+        if self._final_linear_in is not None:
+            return self._final_linear_in
+        path = self.leaf_paths[0]  # every leaf has the same widths; read the first sized layer reading it
+        widths = (consumer_width(self.segments[_key(path[:d])], name) for d in range(len(path) + 1))
+        return next((w for w in widths if w is not None), None)
 
     def cut_channels(self, path: tuple[int, ...] = ()) -> int | None:
         """Channels (or features) of ``cuts[path]``, read from the first layer that consumes it."""
