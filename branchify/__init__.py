@@ -24,7 +24,7 @@ from .online_kd import LossOutput, OnlineKD
 from .outputs import BranchedOutput
 from .spec import INPUT, Spec, SpecError
 from .surgery.split_points import split_points
-from .surgery.tracing import Tracer, TraceError, trace
+from .surgery.tracing import TraceError, Tracer, trace
 from .temporal import TemporalMean
 
 __version__ = "0.2.0"

@@ -10,7 +10,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from .surgery.batched import model_key as _key
 from .views import views_cost
 
-
 if TYPE_CHECKING:
     from .model import BranchedModel
 

@@ -154,7 +154,7 @@ class BranchedModel(HasViews, LeafModel):
         names = self.model_inputs
         if len(args) > len(names):
             raise TypeError(f"forward takes {len(names)} inputs {[a for _, a, _ in names]}, got {len(args)}")
-        for (node, arg, _), v in zip(names, args):
+        for (node, _, _), v in zip(names, args):
             env[node] = v
         for node, arg, default in names[len(args):]:
             if arg in kwargs:

@@ -13,8 +13,8 @@ from branchify.aggregators.gate import Gate
 from branchify.aggregators.hierarchical_ta import HierarchicalTA
 from branchify.aggregators.mean import Mean
 from branchify.aggregators.pairwise import Pairwise
-from branchify.aggregators.peer_mean import PeerMean
 from branchify.aggregators.peer_attention import PeerAttention
+from branchify.aggregators.peer_mean import PeerMean
 from branchify.aggregators.weighted_mean import WeightedMean, fit_ensemble_weights
 
 __all__ = ["AccuracyWeighted", "Aggregator", "AggregatorError", "Compose", "FeatureFusion", "Gate", "HierarchicalTA",

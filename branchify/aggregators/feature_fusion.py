@@ -6,8 +6,7 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
-from branchify.aggregators.base import (Aggregator, AggregatorError, KDTerm, Targets, _model_attr, pool,
-                                        require_size)
+from branchify.aggregators.base import Aggregator, AggregatorError, KDTerm, Targets, _model_attr, pool, require_size
 from branchify.outputs import BranchedOutput
 
 SOURCES = ("features", "feature_maps")

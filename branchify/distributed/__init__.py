@@ -22,8 +22,17 @@ Example (one peer per rank, MD)::
                         exchange=CollectiveExchange(num_peers=len(MODELS)))
 """
 from branchify.distributed.cohort import DistributedCohort
-from branchify.distributed.env import (DistributedError, assign_peers, check_same, comm_device, gather_objects,
-                                       init_from_env, is_distributed, launched_by_torchrun, tensor_fingerprint)
+from branchify.distributed.env import (
+    DistributedError,
+    assign_peers,
+    check_same,
+    comm_device,
+    gather_objects,
+    init_from_env,
+    is_distributed,
+    launched_by_torchrun,
+    tensor_fingerprint,
+)
 from branchify.distributed.exchange import Aggregate, CollectiveExchange, LocalExchange
 
 __all__ = ["Aggregate", "CollectiveExchange", "DistributedCohort", "DistributedError", "LocalExchange",

@@ -122,7 +122,7 @@ class CodistillOptions:
 
 
 def _aggregator(name: str) -> nn.Module:
-    from branchify.aggregators import Mean, PeerMean, Pairwise
+    from branchify.aggregators import Mean, Pairwise, PeerMean
 
     return {"pairwise": Pairwise, "peer_mean": PeerMean, "mean": Mean}[name]()
 

@@ -7,7 +7,8 @@ on a GPU; several processes keep it busy). Each finished run is written to
 ``<out>/runs/<method>-seed<k>.json`` at once, so an interrupted benchmark keeps what it
 finished; ``--summarise`` rebuilds the table from those files.
 
-    python -m branchify.recipes.benchmark_accuracy --epochs 60 --seeds 0,1,2 --workers 12 --out benchmarks/results/accuracy
+    python -m branchify.recipes.benchmark_accuracy --epochs 60 --seeds 0,1,2 --workers 12 \\
+        --out benchmarks/results/accuracy
     python -m branchify.recipes.benchmark_accuracy --summarise --out benchmarks/results/accuracy
 """
 from __future__ import annotations

@@ -28,8 +28,19 @@ from . import ddp
 from .checkpoint import CheckpointError, checkpoint_path
 from .config import RunConfig
 from .preflight import PreflightError, validate_run
-from .rundir import (Results, RunDirError, RunPlan, append_log, check_fresh, check_resumable, format_table,
-                     machine, prepare, read_plan, summarise)
+from .rundir import (
+    Results,
+    RunDirError,
+    RunPlan,
+    append_log,
+    check_fresh,
+    check_resumable,
+    format_table,
+    machine,
+    prepare,
+    read_plan,
+    summarise,
+)
 from .train import RunResult, resolve_device, train
 
 __all__ = ["config_from_args", "format_table", "machine", "main", "parse_args", "run_comparison", "summarise"]
@@ -37,7 +48,8 @@ __all__ = ["config_from_args", "format_table", "machine", "main", "parse_args", 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="branchify-train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="YAML file with RunConfig fields, or a bundled config name (e.g. cifar100_resnet32_one); flags override it")
+    p.add_argument("--config", help="YAML file with RunConfig fields, or a bundled config name "
+                                    "(e.g. cifar100_resnet32_one); flags override it")
     p.add_argument("--methods", help="comma-separated: baseline and/or branchify method names")
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--model")
@@ -105,10 +117,12 @@ def run_comparison(base: RunConfig, methods: list[str], seeds: list[int], out: s
     Everything is validated first (:func:`~branchify.recipes.preflight.validate_run`); ``out``
     must not hold a run unless ``resume`` (then finished runs are read back from their final
     checkpoints and unfinished ones continue). ``results.json``/``summary.md`` are rewritten
-    after every finished run; ``plots=False`` skips ``accuracy.png``/``trees.png``. Under torchrun every rank calls this; rank 0 writes and prints.
+    after every finished run; ``plots=False`` skips ``accuracy.png``/``trees.png``. Under torchrun
+    every rank calls this; rank 0 writes and prints.
 
     Example:
-        >>> run_comparison(RunConfig(fake_data=True, epochs=1), ["baseline", "one"], [0], "runs/smoke")  # doctest: +SKIP
+        >>> cfg = RunConfig(fake_data=True, epochs=1)                                    # doctest: +SKIP
+        >>> run_comparison(cfg, ["baseline", "one"], [0], "runs/smoke")                  # doctest: +SKIP
     """
     methods = validate_run(base, methods, seeds)
     plan = RunPlan(base, methods, seeds)
@@ -154,6 +168,7 @@ def _header(base: RunConfig, seeds: list[int]) -> str:
 def _spec_of(method: str, cfg: RunConfig):
     """The tree a method builds for this config (built on a throwaway model)."""
     import branchify as bf
+
     from .data import DATASETS
     from .zoo import build_model
 

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from branchify.distributed.codistill import (CodistillOptions, CodistillPeer, allreduce_bytes, exchange_due)
+from branchify.distributed.codistill import CodistillOptions, CodistillPeer, allreduce_bytes, exchange_due
 from branchify.distributed.env import comm_device
 
 from . import ddp

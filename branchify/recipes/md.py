@@ -8,7 +8,7 @@ repeated) - and prints each peer's accuracy side by side, plus the peers' ensemb
     python -m branchify.recipes.md                           # CPU: resnet20 + mobilenetv2_0.5, 1000 images, 8 epochs
     python -m branchify.recipes.md --models resnet20,mobilenetv2_0.5,vgg16 --subset 5000 --epochs 160 --t-in 10 --t-d 30
     python -m branchify.recipes.md --fixed-weights           # also the ablation alpha = 1, beta = 2
-    python -m branchify.recipes.md --runs md                 # only the MD run (branchify.recipes.md_benchmark runs one kind per job)
+    python -m branchify.recipes.md --runs md                 # only the MD run (the MD benchmark runs one kind per job)
     torchrun --nproc_per_node 2 -m branchify.recipes.md --distributed    # one peer per rank (gloo / nccl)
     python -m branchify.recipes.md --smoke                   # seconds: tiny subset, 3 epochs
 

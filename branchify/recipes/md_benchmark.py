@@ -151,8 +151,8 @@ def validate(job: Job, models: str, threads: int, extra: list[str]) -> None:
     try:
         md_parse_args(args)
     except SystemExit:
-        raise SystemExit(f"branchify.recipes.md rejects the arguments of variant {job.variant!r} (see its error above): "
-                         f"{' '.join(args)}") from None
+        raise SystemExit(f"branchify.recipes.md rejects the arguments of variant {job.variant!r} "
+                         f"(see its error above): {' '.join(args)}") from None
 
 
 # ---------------------------------------------------------------------- running

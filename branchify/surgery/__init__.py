@@ -1,4 +1,4 @@
 """Model surgery: tracing, cutting into levels, replica init, deepening."""
-from .tracing import Tracer, TraceError, trace
+from .tracing import TraceError, Tracer, trace
 
 __all__ = ["Tracer", "TraceError", "trace"]

@@ -9,8 +9,8 @@ most work wins, counted as the traced modules inside it (so a VGG's convolutions
 large classifier layers). Its ``n`` blocks are the block boundaries. A one-level tree (ONE, OKDDip, AHBF, CL-ILR,
 DML with a trunk) is cut at block ``ceil(2n/3)`` - the last stage of a 3- or 4-stage network, the
 9th of 12 transformer layers; a tree of ``L >= 2`` levels (TSA) at blocks ``ceil(k n / (L + 1))``,
-``k = 1..L`` - ``ceil(n/3)`` and ``ceil(2n/3)`` for two (0-based, at least 1, at most ``n - 1``). A model without such a group is cut among its top-level
-children by the same fractions.
+``k = 1..L`` - ``ceil(n/3)`` and ``ceil(2n/3)`` for two (0-based, at least 1, at most ``n - 1``).
+A model without such a group is cut among its top-level children by the same fractions.
 
 Examples:
     >>> default_splits(torchvision.models.resnet18(), levels=2).splits      # doctest: +SKIP

@@ -17,9 +17,20 @@ Where the data comes from:
 from __future__ import annotations
 
 from branchify.recipes.data.loader import TensorLoader, fake_loaders, make_loaders
-from branchify.recipes.data.sources import (DATASETS, ENV_DATA, ENV_FASHION_MNIST, FASHION_MNIST_FILES,
-                                            SYSTEM_FASHION_MNIST_DIR, DatasetMeta, data_cache_dir, find_fashion_mnist,
-                                            load_cifar, load_fashion_mnist, read_idx, stratified_subset)
+from branchify.recipes.data.sources import (
+    DATASETS,
+    ENV_DATA,
+    ENV_FASHION_MNIST,
+    FASHION_MNIST_FILES,
+    SYSTEM_FASHION_MNIST_DIR,
+    DatasetMeta,
+    data_cache_dir,
+    find_fashion_mnist,
+    load_cifar,
+    load_fashion_mnist,
+    read_idx,
+    stratified_subset,
+)
 
 __all__ = ["DATASETS", "DatasetMeta", "ENV_DATA", "ENV_FASHION_MNIST", "FASHION_MNIST_FILES",
            "SYSTEM_FASHION_MNIST_DIR", "TensorLoader", "data_cache_dir", "fake_loaders", "find_fashion_mnist",
