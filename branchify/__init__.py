@@ -23,13 +23,14 @@ from .model import BranchedModel
 from .online_kd import LossOutput, OnlineKD
 from .outputs import BranchedOutput
 from .spec import INPUT, Spec, SpecError
+from .surgery.pretrained import pretrained_peers
 from .surgery.split_points import split_points
-from .surgery.tracing import TraceError, Tracer, trace
+from .surgery.tracing import Tracer, TraceError, trace
 from .temporal import TemporalMean
 
 __version__ = "0.2.0"
 
 __all__ = ["BranchedModel", "BranchedOutput", "BranchifyError", "Cohort", "INPUT", "LeafModel", "LossOutput",
            "OnlineKD", "Spec", "SpecError", "Tracer", "TraceError", "aggregators", "available_methods", "branchify",
-           "method", "methods", "metrics", "schedules", "split_points", "TemporalMean",
+           "method", "methods", "metrics", "pretrained_peers", "schedules", "split_points", "TemporalMean",
            "trace", "viz"]

@@ -17,13 +17,14 @@ from .surgery.batched import model_key as _key
 from .surgery.deepen import check_deepen, container_blocks, deepen_graph, identity_init
 from .surgery.init import INIT_DESCRIPTIONS, reinitialise, resolve_init
 from .surgery.partition import make_inplace_safe, partition
+from .surgery.pretrained import apply_pretrained, describe_pretrained, head_init_method, head_paths
 from .surgery.runner import TreeLayout
 from .surgery.tracing import trace
 
 
 def branchify(model: nn.Module, spec: Spec, *, model_fn: Callable[[], nn.Module] | None = None,
               tracer: fx.Tracer | None = None, feature_node: str | None = None,
-              batched: BatchedMode = "auto") -> BranchedModel:
+              batched: BatchedMode = "auto", init_noise: float = 0.0) -> BranchedModel:
     """Cut ``model`` at ``spec.splits`` and grow the branch tree ``spec`` describes.
 
     The model is traced with torch.fx (``tracer`` overrides the default; Hugging Face models get
@@ -42,6 +43,7 @@ def branchify(model: nn.Module, spec: Spec, *, model_fn: Callable[[], nn.Module]
         batched: run structurally identical sibling replicas as one vmapped call: ``"auto"``
             (on CUDA, where it is faster; one call per replica elsewhere), ``True`` or ``False``.
             Only the execution changes (see :attr:`BranchedModel.batched`).
+        init_noise: ``init="pretrained"`` only: noise (x each tensor's std) on replicas off leaf 0's path.
 
     Example:
         >>> net = torchvision.models.resnet18(num_classes=10)
@@ -55,7 +57,7 @@ def branchify(model: nn.Module, spec: Spec, *, model_fn: Callable[[], nn.Module]
     plugin = plugin_for(model)
     if model_fn is None and plugin is not None and plugin.model_fn is not None:
         model_fn = plugin.model_fn(model)
-    how = resolve_init(spec.init, model, model_fn, plugin.init if plugin is not None else None)
+    how, detected = _resolve_init(spec, model, model_fn, plugin, init_noise)
     for container, extra in spec.deepen.items():
         check_deepen(model, container, extra)
     work = copy.deepcopy(model)
@@ -75,12 +77,13 @@ def branchify(model: nn.Module, spec: Spec, *, model_fn: Callable[[], nn.Module]
         template = part.levels[level]
         for path in spec.level_paths(level):
             replica = copy.deepcopy(template)
-            if path[-1] != 0:
+            if path[-1] != 0 and how != "pretrained":
                 reinitialise(replica, how, original=work, model_fn=model_fn)
             make_inplace_safe(replica)
             if level == spec.num_levels:
                 _apply_deepen(replica, spec, leaf_index[path], work, how, model_fn)
             segments[_key(path)] = replica
+    init_used = _init_used(how, segments, spec, gm, part, work, model_fn, plugin, init_noise, detected)
     _retie(segments, spec, part.tied)
     unfrozen = _unfreeze_reinitialised(segments, spec, how)
     _warn_identical_replicas(segments, spec, how)
@@ -94,7 +97,7 @@ def branchify(model: nn.Module, spec: Spec, *, model_fn: Callable[[], nn.Module]
                         children={p: list(graph.successors(p)) for p in graph.nodes},
                         leaf_paths=spec.leaf_paths())
     bm = BranchedModel(spec, segments, layout, part.model_inputs, skeleton, nonpersistent, unexecuted,
-                       init_used=INIT_DESCRIPTIONS[how], tied={k: sorted(v) for k, v in part.tied.items()},
+                       init_used=init_used, tied={k: sorted(v) for k, v in part.tied.items()},
                        unfrozen=unfrozen, batched=batched,
                        final_linear_in=part.final_linear.in_features if part.final_linear is not None else None)
     bm.train(was_training)
@@ -137,7 +140,7 @@ def _unfreeze_reinitialised(segments: dict[str, fx.GraphModule], spec: Spec, how
     holds random weights, useless if frozen, so its parameters are made trainable. Returns the
     segment keys that were unfrozen (``describe()`` lists them).
     """
-    if how == "copy":
+    if how in ("copy", "pretrained"):  # pretrained: copies keep their weights and their flags
         return []
     shared = {id(p) for p in segments[_key(())].parameters()}
     unfrozen = []
@@ -160,7 +163,7 @@ def _warn_identical_replicas(segments: dict[str, fx.GraphModule], spec: Spec, ho
     Re-initialised replicas can still come out identical to child 0, e.g. when ``model_fn``
     re-seeds the global RNG before building its model.
     """
-    if how == "copy":
+    if how in ("copy", "pretrained"):  # pretrained: apply_pretrained warns when leaves start identical
         return
     for level in range(1, spec.num_levels + 1):
         for path in spec.level_paths(level):
@@ -180,6 +183,7 @@ def _warn_identical_replicas(segments: dict[str, fx.GraphModule], spec: Spec, ho
 
 def _apply_deepen(replica: fx.GraphModule, spec: Spec, leaf: int, work: nn.Module, how: str,
                   model_fn: Callable[[], nn.Module] | None) -> None:
+    fresh = {"copy": "shuffle", "pretrained": "donor" if model_fn is not None else "shuffle"}.get(how, how)
     for container, counts in spec.deepen.items():
         extra = counts[leaf]
         if not extra:
@@ -187,10 +191,10 @@ def _apply_deepen(replica: fx.GraphModule, spec: Spec, leaf: int, work: nn.Modul
         cont = container_blocks(work, container)
         n = len(cont)
         new_blocks = []
-        for _ in range(max(extra, 0)):
+        for j in range(max(extra, 0)):
             blk = copy.deepcopy(cont[n - 1])
             src = f"{container}.{n - 1}."
-            reinitialise(blk, "shuffle" if how == "copy" else how, original=work, model_fn=model_fn,
+            reinitialise(blk, fresh, original=work, model_fn=model_fn,
                          prefix_map=lambda k, src=src: src + k)
             if spec.deepen_init == "identity" and not identity_init(blk):
                 raise SpecError(f"deepen_init='identity': the appended block {container}.{n - 1} "
@@ -199,6 +203,33 @@ def _apply_deepen(replica: fx.GraphModule, spec: Spec, leaf: int, work: nn.Modul
                                 f"pass deepen_init='standard' to keep the architecture's own init")
             new_blocks.append(blk)
         deepen_graph(replica, container, n, new_blocks, max(-extra, 0))
+
+
+def _resolve_init(spec: Spec, model: nn.Module, model_fn: Callable[[], nn.Module] | None, plugin,
+                  init_noise: float) -> tuple[str, str | None]:
+    """The concrete replica init and, when ``"auto"`` chose ``"pretrained"``, the plugin's reason."""
+    detected = plugin.pretrained(model) if plugin is not None and plugin.pretrained is not None else None
+    how = resolve_init(spec.init, model, model_fn, plugin.init if plugin is not None else None, detected)
+    if init_noise and how != "pretrained":
+        raise SpecError(f"init_noise={init_noise} perturbs copied pretrained weights, so it needs "
+                        f"init='pretrained' (this model's replicas get init={how!r})")
+    return how, detected if spec.init == "auto" else None
+
+
+def _init_used(how: str, segments: dict[str, fx.GraphModule], spec: Spec, gm: fx.GraphModule, part,
+               work: nn.Module, model_fn: Callable[[], nn.Module] | None, plugin, noise: float,
+               detected: str | None) -> str:
+    """The ``init_used`` line; ``init="pretrained"``: first re-initialise every leaf's task head but leaf 0's."""
+    if how != "pretrained":
+        return INIT_DESCRIPTIONS[how]
+    final = next((name for name, m in gm.named_modules() if m is part.final_linear), None)
+    hinted = plugin.head(work) if plugin is not None and plugin.head is not None else None
+    head = head_paths(gm, hinted, final)
+    how = head_init_method(work, model_fn)
+    tied = [n for names in part.tied.values() for level_names in names.values() for n in level_names]
+    done = apply_pretrained(segments, spec.leaf_paths(), head, how, original=work, model_fn=model_fn,
+                            noise=noise, tied=tied)
+    return describe_pretrained(head, how, sorted(done), noise, done, detected)
 
 
 def _skeleton_of(model: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor]]:

@@ -38,6 +38,11 @@ class Plugin:
             models of the same architecture, used for replica init when ``model_fn=`` is not given.
         init: a concrete replica-init method (``"hf"``) chosen by ``init="auto"`` when no factory
             is available.
+        pretrained: ``model -> str or None``: why the model holds pretrained weights (e.g. "loaded
+            with from_pretrained from 'bert-base-uncased'"), or ``None``; a reason makes
+            ``init="auto"`` choose ``"pretrained"`` (:mod:`branchify.surgery.pretrained`).
+        head: ``model -> list of module paths or None``: the task head ``init="pretrained"``
+            re-initialises per replica (default: the final Linear producing the logits).
     """
 
     name: str
@@ -45,6 +50,8 @@ class Plugin:
     tracer: Callable[[nn.Module], fx.Tracer | None] | None = None
     model_fn: Callable[[nn.Module], Callable[[], nn.Module] | None] | None = None
     init: str | None = None
+    pretrained: Callable[[nn.Module], str | None] | None = None
+    head: Callable[[nn.Module], list[str] | None] | None = None
 
 
 _PLUGINS: list[Plugin] = []

@@ -25,7 +25,7 @@ from branchify.errors import BranchifyError
 INPUT = "<input>"
 """Split name meaning "cut at the model input": no shared trunk, whole-network peers (DML)."""
 
-INIT_CHOICES = ("auto", "donor", "hf", "shuffle", "reset", "copy")
+INIT_CHOICES = ("auto", "donor", "hf", "shuffle", "reset", "copy", "pretrained")
 """How replicas get weights; see :func:`branchify.surgery.init.reinitialise`."""
 
 DEEPEN_INIT_CHOICES = ("identity", "standard")
@@ -56,7 +56,10 @@ class Spec:
             HF ``_init_weights``, else ``"shuffle"``), ``"donor"``, ``"hf"``, ``"shuffle"``
             (each tensor's elements randomly permuted - exactly the architecture's i.i.d.
             init distribution for a freshly built model), ``"reset"`` (``reset_parameters``),
-            or ``"copy"`` (identical copies; only for checks - they stay identical).
+            ``"copy"`` (identical copies; only for checks - they stay identical), or
+            ``"pretrained"`` (copies of the pretrained weights with the task head re-initialised in
+            every leaf but leaf 0, :mod:`branchify.surgery.pretrained`; ``"auto"`` chooses it for a
+            Hugging Face model loaded with ``from_pretrained`` and a timm model with trained weights).
         grad_scale: split -> factor applied to gradients flowing from that level back into
             its parent (identity forward). CL-ILR uses ``1 / num_children``.
         deepen_init: how blocks appended by ``deepen`` start: ``"identity"`` (default: the last

@@ -34,6 +34,7 @@ from typing import Any, Callable
 from torch import nn
 
 from branchify.registry import Plugin
+from branchify.surgery.pretrained import looks_trained
 from branchify.surgery.tracing import Tracer
 
 
@@ -293,4 +294,29 @@ def _factory(name: str, kwargs: dict[str, Any], first: nn.Module) -> Callable[[]
     return make
 
 
-PLUGIN = Plugin("timm", matches=is_timm_model, tracer=timm_tracer, model_fn=timm_model_fn)
+def timm_pretrained(model: nn.Module) -> str | None:
+    """Why ``model`` holds pretrained weights, or ``None``. timm keeps no record of
+    ``pretrained=True`` (``pretrained_cfg`` is set either way), so the weights decide: a model
+    whose normalisation layers hold trained, non-constant values (:func:`looks_trained`) was
+    loaded or trained; a freshly created one has them at their constant init.
+
+    Example:
+        >>> timm_pretrained(timm.create_model("resnet18"))                                    # doctest: +SKIP
+        >>> timm_pretrained(timm.create_model("resnet18", pretrained=True))                   # doctest: +SKIP
+        'a timm model whose normalisation layers hold trained values (pretrained weights)'
+    """
+    if not looks_trained(model):
+        return None
+    return "a timm model whose normalisation layers hold trained values (pretrained weights)"
+
+
+def timm_head(model: nn.Module) -> list[str] | None:
+    """The classifier module(s) timm names in ``pretrained_cfg["classifier"]`` (``fc``, ``head.fc``...)."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    if not names:
+        return None
+    return [names] if isinstance(names, str) else list(names)
+
+
+PLUGIN = Plugin("timm", matches=is_timm_model, tracer=timm_tracer, model_fn=timm_model_fn,
+                pretrained=timm_pretrained, head=timm_head)

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 Builder = Callable[[nn.Module, dict], tuple[Spec, Aggregator, dict]]
 
-BRANCHIFY_OPTIONS = ("model_fn", "tracer", "feature_node", "batched")
+BRANCHIFY_OPTIONS = ("model_fn", "tracer", "feature_node", "batched", "init_noise")
 """Options every preset passes to :func:`branchify.branchify` instead of its builder."""
 
 MODEL_OPTIONS = ("views",)
@@ -68,8 +68,7 @@ def register_method(preset: Preset, *, overwrite: bool = False) -> Preset:
 
     Example:
         >>> one = get_preset("one")
-        >>> five = Preset("one5", "ONE, 5 leaves", {**one.defaults, "branches": 5}, one.build)  # doctest: +SKIP
-        >>> register_method(five)                                                            # doctest: +SKIP
+        >>> register_method(Preset("one5", "ONE, 5 leaves", {**one.defaults, "branches": 5}, one.build))  # doctest: +SKIP
     """
     key = _key(preset.name)
     if key in _REGISTRY and not overwrite:

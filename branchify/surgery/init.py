@@ -19,17 +19,28 @@ INIT_DESCRIPTIONS = {
                 "i.i.d. init distribution when the model is freshly built)"),
     "reset": "reset: every module's reset_parameters() (PyTorch defaults, not the architecture's)",
     "copy": "copy: identical copies (branches stay identical; for checks only)",
+    "pretrained": ("pretrained: copies of the pretrained weights, the task head re-initialised in every leaf "
+                   "but leaf 0 (branchify.surgery.pretrained)"),
 }
 
 
 def resolve_init(init: str, model: nn.Module, model_fn: Callable[[], nn.Module] | None,
-                 preferred: str | None = None) -> str:
+                 preferred: str | None = None, pretrained: str | None = None) -> str:
     """Turn ``"auto"`` into the best concrete method; check that the method can run.
 
-    ``"auto"``: ``"donor"`` with a ``model_fn``, else the model's plugin's ``preferred`` method
-    (``"hf"`` for Hugging Face models), else ``"shuffle"``.
+    ``"auto"``: ``"pretrained"`` when the model's plugin found pretrained weights (``pretrained``
+    is its reason), else ``"donor"`` with a ``model_fn``, else the model's plugin's ``preferred``
+    method (``"hf"`` for Hugging Face models), else ``"shuffle"``. An explicit ``init`` always wins.
+
+    Example:
+        >>> resolve_init("auto", nn.Linear(2, 2), None, pretrained="loaded with from_pretrained")
+        'pretrained'
+        >>> resolve_init("shuffle", nn.Linear(2, 2), None, pretrained="loaded with from_pretrained")
+        'shuffle'
     """
     if init == "auto":
+        if pretrained:
+            return "pretrained"
         if model_fn is not None:
             return "donor"
         return preferred or "shuffle"
@@ -44,8 +55,7 @@ def resolve_init(init: str, model: nn.Module, model_fn: Callable[[], nn.Module] 
 
 @torch.no_grad()
 def reinitialise(module: nn.Module, how: str, *, original: nn.Module,
-                 model_fn: Callable[[], nn.Module] | None = None,
-                 prefix_map: Callable[[str], str] | None = None) -> None:
+                 model_fn: Callable[[], nn.Module] | None = None, prefix_map: Callable[[str], str] | None = None) -> None:
     """Re-initialise ``module`` in place.
 
     Args:
