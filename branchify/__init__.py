@@ -25,7 +25,7 @@ from .outputs import BranchedOutput
 from .spec import INPUT, Spec, SpecError
 from .surgery.pretrained import pretrained_peers
 from .surgery.split_points import split_points
-from .surgery.tracing import Tracer, TraceError, trace
+from .surgery.tracing import TraceError, Tracer, trace
 from .temporal import TemporalMean
 
 __version__ = "0.2.0"

@@ -191,7 +191,7 @@ def _apply_deepen(replica: fx.GraphModule, spec: Spec, leaf: int, work: nn.Modul
         cont = container_blocks(work, container)
         n = len(cont)
         new_blocks = []
-        for j in range(max(extra, 0)):
+        for _ in range(max(extra, 0)):
             blk = copy.deepcopy(cont[n - 1])
             src = f"{container}.{n - 1}."
             reinitialise(blk, fresh, original=work, model_fn=model_fn,

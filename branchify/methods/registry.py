@@ -68,7 +68,8 @@ def register_method(preset: Preset, *, overwrite: bool = False) -> Preset:
 
     Example:
         >>> one = get_preset("one")
-        >>> register_method(Preset("one5", "ONE, 5 leaves", {**one.defaults, "branches": 5}, one.build))  # doctest: +SKIP
+        >>> five = Preset("one5", "ONE, 5 leaves", {**one.defaults, "branches": 5}, one.build)  # doctest: +SKIP
+        >>> register_method(five)                                                            # doctest: +SKIP
     """
     key = _key(preset.name)
     if key in _REGISTRY and not overwrite:

@@ -55,7 +55,8 @@ def resolve_init(init: str, model: nn.Module, model_fn: Callable[[], nn.Module] 
 
 @torch.no_grad()
 def reinitialise(module: nn.Module, how: str, *, original: nn.Module,
-                 model_fn: Callable[[], nn.Module] | None = None, prefix_map: Callable[[str], str] | None = None) -> None:
+                 model_fn: Callable[[], nn.Module] | None = None,
+                 prefix_map: Callable[[str], str] | None = None) -> None:
     """Re-initialise ``module`` in place.
 
     Args:
