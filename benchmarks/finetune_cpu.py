@@ -244,7 +244,8 @@ def _worker(job: tuple[dict, str, str, str, int, str, str, str | None]) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".tmp").write_text(json.dumps(rec))
     path.with_suffix(".tmp").replace(path)
-    return f"{impl:11s} {method:5s} {init:10s} seed {seed}: target {rec['target_acc']:.2f}% ({rec['train_seconds']:.0f}s)"
+    return (f"{impl:11s} {method:5s} {init:10s} seed {seed}: target {rec['target_acc']:.2f}% "
+            f"({rec['train_seconds']:.0f}s)")
 
 
 def sweep(s: Setting, seeds: list[int], out: Path, workers: int, root: str | None, ckpt: Path,
@@ -303,8 +304,9 @@ def twins(records: list[dict]) -> list[dict]:
     """branchify's DML minus the hand-written one, per init: mean difference and its paired SE."""
     out = []
     for init in ("random", "pretrained"):
-        bf_runs = {r["seed"]: r for r in records if (r["method"], r["init"], r["implementation"]) == ("dml", init, "branchify")}
-        hw = {r["seed"]: r for r in records if (r["method"], r["init"], r["implementation"]) == ("dml", init, "handwritten")}
+        runs = {(r["implementation"], r["seed"]): r for r in records if (r["method"], r["init"]) == ("dml", init)}
+        bf_runs = {s: r for (impl, s), r in runs.items() if impl == "branchify"}
+        hw = {s: r for (impl, s), r in runs.items() if impl == "handwritten"}
         d = [bf_runs[s]["target_acc"] - hw[s]["target_acc"] for s in sorted(bf_runs) if s in hw]
         if d:
             m, se = _mean_se(d)
@@ -314,8 +316,9 @@ def twins(records: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | peers init | implementation | seeds | target acc (%) | gain vs plain fine-tuning (paired ± SE) "
-             "| pretrained - random peers (paired ± SE) | ensemble acc (%) | train s/run |",
+    lines = ["| method | peers init | implementation | seeds | target acc (%) "
+             "| gain vs plain fine-tuning (paired ± SE) | pretrained - random peers (paired ± SE) "
+             "| ensemble acc (%) | train s/run |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         gain = f"{r['gain_mean']:+.2f} ± {r['gain_se']:.2f}" if "gain_mean" in r else "-"
@@ -333,12 +336,14 @@ def write_summary(out: Path, s: Setting) -> str:
     pretraining = json.loads(pre.read_text()) if pre.exists() else None
     text = [f"# CPU fine-tuning benchmark: {s.name}", "", table(rows)]
     if tw:
-        text += ["", "| twin | init | seeds | branchify - hand-written | 2 SE | within 2 SE |", "|---|---|---|---|---|---|"]
+        text += ["", "| twin | init | seeds | branchify - hand-written | 2 SE | within 2 SE |",
+                 "|---|---|---|---|---|---|"]
         text += [f"| dml | {t['init']} | {t['seeds']} | {t['diff']:+.2f} | {2 * t['se']:.2f} | "
                  f"{'yes' if t['within_2se'] else 'NO'} |" for t in tw]
     if pretraining:
-        text += ["", f"Pretrained start: {pretraining['test_acc_classes_0_4']:.2f}% on the test images of classes 0-4 "
-                     f"({pretraining['train_images']} images, {s.pre_epochs} epochs, {pretraining['train_seconds']:.0f}s)."]
+        text += ["", f"Pretrained start: {pretraining['test_acc_classes_0_4']:.2f}% on the test images of "
+                     f"classes 0-4 ({pretraining['train_images']} images, {s.pre_epochs} epochs, "
+                     f"{pretraining['train_seconds']:.0f}s)."]
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text("\n".join(text) + "\n")
     (out / "results.json").write_text(json.dumps(
