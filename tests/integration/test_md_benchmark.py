@@ -1,4 +1,4 @@
-"""recipes.md_benchmark: two variants x one seed as concurrent recipes.md subprocesses on real
+"""benchmarks.md_accuracy: two variants x one seed as concurrent recipes.md subprocesses on real
 Fashion-MNIST (tiny settings), the table and results.json, --summarise rebuilding the same table
 from the run folders, and the errors for bad variants and bad recipes.md --runs."""
 from __future__ import annotations
@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 
 import pytest
 
-from branchify.recipes import md, md_benchmark
+from benchmarks import md_accuracy
+from branchify.recipes import md
 
 from fashion_mnist import needs_fashion_mnist as needs_data
 
@@ -26,7 +28,7 @@ def bench(tmp_path_factory):
             "--workers", "2", "--out", str(out), "--", *TINY]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        rc = md_benchmark.main(argv)
+        rc = md_accuracy.main(argv)
     return {"out": out, "rc": rc, "printed": printed.getvalue()}
 
 
@@ -87,7 +89,7 @@ def test_summarise_rebuilds_the_same_table_from_the_run_folders(bench, capsys):
     jobs_before = json.loads((out / "results.json").read_text())["jobs"]
     (out / "summary.md").unlink()
     (out / "results.json").unlink()
-    assert md_benchmark.main(["--summarise", "--out", str(out)]) == 0
+    assert md_accuracy.main(["--summarise", "--out", str(out)]) == 0
     assert (out / "summary.md").read_text() == before
     assert json.loads((out / "results.json").read_text())["jobs"] == jobs_before
     assert _table(before)[0][0] == "peer" and "| ensemble |" in capsys.readouterr().out
@@ -102,28 +104,28 @@ def test_bad_variants_give_clear_errors(tmp_path):
     }
     for variants, message in cases.items():
         with pytest.raises(SystemExit) as err:
-            md_benchmark.main(["--variants", variants, "--out", str(tmp_path / "x")])
+            md_accuracy.main(["--variants", variants, "--out", str(tmp_path / "x")])
         assert message in str(err.value), variants
     with pytest.raises(SystemExit, match="--out is set by the benchmark"):
-        md_benchmark.main(["--out", str(tmp_path / "x"), "--", "--out=elsewhere"])
+        md_accuracy.main(["--out", str(tmp_path / "x"), "--", "--out=elsewhere"])
     assert not (tmp_path / "x").exists()  # nothing ran
     with pytest.raises(SystemExit, match="no finished runs"):
-        md_benchmark.main(["--summarise", "--out", str(tmp_path / "empty")])
+        md_accuracy.main(["--summarise", "--out", str(tmp_path / "empty")])
 
 
 def test_variant_parsing_and_folder_names():
-    assert md_benchmark.parse_variant("md:kd-t2:temperature=4@0+2") == (
+    assert md_accuracy.parse_variant("md:kd-t2:temperature=4@0+2") == (
         "md:kd-t2:temperature=4", "md", ["--kd-t2", "--temperature", "4"], [0, 2])
-    assert md_benchmark.parse_variant("independent") == ("independent", "independent", [], None)
-    assert md_benchmark.folder_name("md:temperature=4", 1) == "md_temperature-4-seed1"
-    jobs = md_benchmark.make_jobs(["independent", "md", "md_fixed@0"], [0, 1], md_benchmark.Path("o"))
+    assert md_accuracy.parse_variant("independent") == ("independent", "independent", [], None)
+    assert md_accuracy.folder_name("md:temperature=4", 1) == "md_temperature-4-seed1"
+    jobs = md_accuracy.make_jobs(["independent", "md", "md_fixed@0"], [0, 1], md_accuracy.Path("o"))
     assert [(j.variant, j.seed) for j in jobs] == [("md", 0), ("md", 1), ("md_fixed", 0),
                                                     ("independent", 0), ("independent", 1)]
 
 
 def test_dry_run_prints_the_commands_and_runs_nothing(tmp_path, capsys):
     out = tmp_path / "dry"
-    assert md_benchmark.main(["--seeds", "0,1", "--variants", "md:kd-t2,independent@1", "--dry-run",
+    assert md_accuracy.main(["--seeds", "0,1", "--variants", "md:kd-t2,independent@1", "--dry-run",
                               "--out", str(out), "--", "--epochs", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines == [
@@ -163,3 +165,14 @@ def test_md_table_with_some_run_kinds():
                                     "MD vs independent |")
     assert both.splitlines()[2] == "| a | 1.000M | 40.00 | 50.00 | 1.00 | +10.00 |"
     assert md.format_weights({"independent": {}}) == ""
+
+
+def test_jobs_import_this_checkouts_branchify():
+    """The jobs run ``python -m branchify.recipes.md``: the folder put on their PYTHONPATH is the one
+    that holds the ``branchify`` package (the repository root), not the package folder itself."""
+    import branchify
+
+    first = md_accuracy.job_env(1)["PYTHONPATH"].split(os.pathsep)[0]
+    assert (md_accuracy.REPO / "branchify" / "__init__.py").is_file()
+    assert first == str(md_accuracy.REPO)
+    assert md_accuracy.Path(branchify.__file__).resolve().parent.parent == md_accuracy.REPO

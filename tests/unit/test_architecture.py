@@ -227,3 +227,11 @@ def test_integrations_import_no_core_private_name():
                     and not node.module.startswith("branchify.integrations"):
                 bad += [f"{module}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
     assert not bad, f"integrations importing core private names (give them a public home): {bad}"
+
+
+def test_no_benchmark_driver_in_the_package():
+    # Benchmark drivers are applications of the package (they live in benchmarks/ at the repository
+    # root and may import branchify); the wheel ships none of them.
+    drivers = [m for m in MODULES if "benchmark" in m]
+    assert len(MODULES) > 20, "found almost no modules: wrong package root?"
+    assert not drivers, f"benchmark drivers inside the package (move them to benchmarks/): {drivers}"

@@ -12,12 +12,12 @@ A variant is a run kind (``independent``, ``md``, ``md_fixed``), optionally foll
 replace ``--seeds`` for that variant (``md_fixed@0``, ``md:kd-t2@0+1``). Arguments after
 ``--`` go to every job.
 
-    python -m branchify.recipes.md_benchmark --models resnet32,vgg16,mobilenetv2_0.5 --seeds 0,1,2 \\
+    python -m benchmarks.md_accuracy --models resnet32,vgg16,mobilenetv2_0.5 --seeds 0,1,2 \\
         --variants independent,md,md:kd-t2,md_fixed@0 --workers 10 --out benchmarks/results/md_accuracy \\
         -- --subset 5000 --test-subset 0 --epochs 60 --t-in 10 --t-d 30 --batch-size 128 --lr 0.1
-    python -m branchify.recipes.md_benchmark --summarise --out benchmarks/results/md_accuracy
-    python -m branchify.recipes.md_benchmark --variants md,md:temperature=4 --dry-run    # only print the commands
-    python -m branchify.recipes.md_benchmark --seeds 0 --variants independent,md:kd-t2 --workers 2 -- --smoke
+    python -m benchmarks.md_accuracy --summarise --out benchmarks/results/md_accuracy
+    python -m benchmarks.md_accuracy --variants md,md:temperature=4 --dry-run    # only print the commands
+    python -m benchmarks.md_accuracy --seeds 0 --variants independent,md:kd-t2 --workers 2 -- --smoke
 
 Writes ``<out>/runs/<variant>-seed<k>/`` as each job finishes (``branchify.recipes.md``'s ``results.json``
 and ``summary.md``, plus ``job.json``: variant, seed, command, exit status, wall time) and the
@@ -43,9 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cli import machine
-from .md import RUNS, build_parser
-from .md import parse_args as md_parse_args
+from branchify.recipes.cli import machine
+from branchify.recipes.md import RUNS, build_parser
+from branchify.recipes.md import parse_args as md_parse_args
 
 #: branchify.recipes.md flags the benchmark sets per job (or that cannot work in a pool of one-kind jobs).
 RESERVED = {
@@ -53,14 +53,16 @@ RESERVED = {
     "fixed-weights": "use the md_fixed variant",
     "seed": "use --seeds or VARIANT@SEEDS",
     "out": "each job writes <out>/runs/<variant>-seed<k>",
-    "models": "use md_benchmark's --models",
-    "threads": "use md_benchmark's --threads",
+    "models": "use the benchmark's --models",
+    "threads": "use the benchmark's --threads",
     "distributed": "jobs are single processes",
     "checkpoint-dir": "concurrent jobs would share one checkpoint folder",
 }
 #: Rough relative cost, so the longest jobs start first and the pool's tail is short.
 COST = {"md": 2, "md_fixed": 2, "independent": 1}
 REPO = Path(__file__).resolve().parents[1]
+"""The repository root (above ``benchmarks/``): put on the jobs' PYTHONPATH so ``python -m
+branchify.recipes.md`` imports this checkout's branchify."""
 
 
 @dataclass
@@ -350,7 +352,7 @@ def write_summary(out: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    p = argparse.ArgumentParser(prog="branchify.recipes.md_benchmark", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="benchmarks.md_accuracy", description=__doc__.split("\n\n")[0],
                                 usage="%(prog)s [options] [-- branchify.recipes.md arguments for every job]")
     p.add_argument("--models", default="resnet20,mobilenetv2_0.5", help="comma-separated branchify.recipes.zoo names")
     p.add_argument("--seeds", default="0,1,2")

@@ -7,9 +7,9 @@ on a GPU; several processes keep it busy). Each finished run is written to
 ``<out>/runs/<method>-seed<k>.json`` at once, so an interrupted benchmark keeps what it
 finished; ``--summarise`` rebuilds the table from those files.
 
-    python -m branchify.recipes.benchmark_accuracy --epochs 60 --seeds 0,1,2 --workers 12 \\
+    python -m benchmarks.accuracy_gpu --epochs 60 --seeds 0,1,2 --workers 12 \\
         --out benchmarks/results/accuracy
-    python -m branchify.recipes.benchmark_accuracy --summarise --out benchmarks/results/accuracy
+    python -m benchmarks.accuracy_gpu --summarise --out benchmarks/results/accuracy
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from .cli import format_table, machine, summarise
-from .config import RunConfig
-from .train import RunResult, train
+from branchify.recipes.cli import format_table, machine, summarise
+from branchify.recipes.config import RunConfig
+from branchify.recipes.train import RunResult, train
 
 METHODS = ["baseline", "dml", "cl_ilr", "one", "okddip", "tsa", "u_tsa", "ahbf"]
 
