@@ -15,6 +15,11 @@ data). ``--fake-data`` runs offline: random "sentences" over a small word-level 
 on the spot and a tiny randomly initialised model of the same family, through exactly the same
 tokenisation, collation, Trainer, callback and export code - a smoke test, not a benchmark.
 
+Replicas of a checkpoint loaded with ``from_pretrained`` start from its weights (``init="pretrained"``,
+chosen automatically: every leaf but the target gets a fresh classifier; a translation model's LM head
+is tied to its embeddings, so its leaves differ by dropout and, with ``--init-noise 0.01``, by noise);
+``--init hf`` re-initialises whole replicas instead. Each row records the replica init it got.
+
 Run::
 
     python -m branchify.recipes.hf_text classify --methods baseline,one,tsa --epochs 3
@@ -214,17 +219,20 @@ def run_method(method: str, args: argparse.Namespace, tokenizer: Any, train: Any
     from branchify.integrations.hf import BranchifyCallback, branchify_hf
 
     out = Path(args.out) / args.task / method
-    if args.fake_data:
-        base = fake_model(args.task, tokenizer, num_labels)
-    elif args.task == "classify":
-        base = T.AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=num_labels)
+    source = args.model
+    if args.fake_data:  # the tiny random model goes through save_pretrained / from_pretrained like a checkpoint
+        source = str(Path(args.out) / args.task / "fake-checkpoint")
+        fake_model(args.task, tokenizer, num_labels).save_pretrained(source)
+    if args.task == "classify":
+        base = T.AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
     else:
-        base = T.AutoModelForSeq2SeqLM.from_pretrained(args.model)
+        base = T.AutoModelForSeq2SeqLM.from_pretrained(source)
     callbacks = []
     if method == "baseline":
         model = base
     else:
-        overrides = {"split": args.split.split(",") if args.split and "," in args.split else args.split}
+        overrides = {"split": args.split.split(",") if args.split and "," in args.split else args.split,
+                     "init": args.init, "init_noise": args.init_noise}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             model = branchify_hf(base, method, **{k: v for k, v in overrides.items() if v})
@@ -255,6 +263,7 @@ def run_method(method: str, args: argparse.Namespace, tokenizer: Any, train: Any
         auto = T.AutoModelForSequenceClassification if args.task == "classify" else T.AutoModelForSeq2SeqLM
         deployed = auto.from_pretrained(out / "exported-target")  # the callback's save_pretrained export
         row["leaves"] = model.branched.num_leaves
+        row["replica_init"] = model.branched.init_used
     row["deployed_params"] = sum(p.numel() for p in deployed.parameters())
     if args.task == "translate" and args.bleu:
         row["bleu"] = bleu(deployed, tokenizer, evals, args.bleu, args.max_length)
@@ -288,6 +297,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tgt", default=None, help="translate: target language key")
     p.add_argument("--eval-split", default=None)
     p.add_argument("--split", default=None, help="layer path(s) to cut at, comma-separated (default: last layers)")
+    p.add_argument("--init", default="auto", help="replica init: auto (pretrained for a from_pretrained "
+                                                  "checkpoint), pretrained, hf, shuffle...")
+    p.add_argument("--init-noise", type=float, default=0.0, help="init=pretrained: noise x each tensor's std")
     p.add_argument("--train-subset", type=int, default=None)
     p.add_argument("--eval-subset", type=int, default=None)
     p.add_argument("--max-length", type=int, default=None)

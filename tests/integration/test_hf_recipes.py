@@ -16,6 +16,8 @@ def test_hf_text_classify_fake_data(tmp_path):
                  "--out", str(tmp_path)])
     assert [r["method"] for r in rows] == ["baseline", "one"]
     assert rows[1]["leaves"] == 3 and rows[1]["deployed_params"] == rows[0]["deployed_params"]
+    assert rows[1]["replica_init"].startswith("pretrained:")           # loaded with from_pretrained
+    assert "task head ['classifier'] re-initialised in leaves [1, 2]" in rows[1]["replica_init"]
     assert (tmp_path / "classify" / "one" / "exported-target" / "config.json").is_file()
     saved = json.loads((tmp_path / "classify" / "results.json").read_text())
     assert len(saved["rows"]) == 2
@@ -26,6 +28,7 @@ def test_hf_text_translate_fake_data(tmp_path):
 
     rows = main(["translate", "--fake-data", "--methods", "tsa", "--max-steps", "2", "--out", str(tmp_path)])
     assert rows[0]["leaves"] == 4 and 0.0 <= rows[0]["accuracy"] <= 1.0
+    assert "is tied to the rest of the network" in rows[0]["replica_init"]    # Marian's tied LM head
     assert (tmp_path / "translate" / "tsa" / "exported-target" / "branchify.json").is_file()
 
 
