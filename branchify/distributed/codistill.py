@@ -75,6 +75,8 @@ class CodistillOptions:
         aggregator: ``"pairwise"`` (DML), ``"peer_mean"`` or ``"mean"``.
         max_stale: exchanges a peer may lag before it leaves the teacher set (weights mode).
         wait_s: seconds to wait for a peer's snapshot before using a staler one or dropping it.
+        burn_in: steps trained on labels alone before the first exchange (Anil et al.'s burn-in:
+            a teacher that is still near its random init only adds noise).
 
     Examples:
         >>> CodistillOptions(groups=2, exchange_every=10).exchange
@@ -91,6 +93,7 @@ class CodistillOptions:
     aggregator: str = "pairwise"
     max_stale: int = 2
     wait_s: float = 60.0
+    burn_in: int = 0
 
     def __post_init__(self) -> None:
         def bad(what: str) -> CodistillError:
@@ -114,15 +117,16 @@ class CodistillOptions:
             raise bad(f"temperature must be > 0 and kd_weight >= 0, got {self.temperature}, {self.kd_weight}")
         if self.aggregator not in AGGREGATORS:
             raise bad(f"aggregator must be one of {sorted(AGGREGATORS)}, got {self.aggregator!r}")
-        if self.max_stale < 0 or self.wait_s < 0:
-            raise bad(f"max_stale and wait_s must be >= 0, got {self.max_stale}, {self.wait_s}")
+        if self.max_stale < 0 or self.wait_s < 0 or not isinstance(self.burn_in, int) or self.burn_in < 0:
+            raise bad(f"max_stale, wait_s and burn_in must be >= 0, got {self.max_stale}, {self.wait_s}, "
+                      f"{self.burn_in!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def _aggregator(name: str) -> nn.Module:
-    from branchify.aggregators import Mean, Pairwise, PeerMean
+    from branchify.aggregators import Mean, PeerMean, Pairwise
 
     return {"pairwise": Pairwise, "peer_mean": PeerMean, "mean": Mean}[name]()
 
@@ -191,7 +195,11 @@ class CodistillPeer:
         build_teacher: ``build_teacher(g)`` builds a model with group ``g``'s architecture
             (weights mode: the frozen copy peer weights are loaded into).
 
-    Example: see the module docstring.
+    Examples:
+        >>> peer = CodistillPeer(nn.Linear(4, 3), 0, CodistillOptions(groups=2), lambda g: nn.Linear(4, 3))
+        >>> peer.absorb({1: CodistillPeer(nn.Linear(4, 3), 1, CodistillOptions(groups=2), None).snapshot()})
+        >>> peer.live, type(peer.teachers[1]).__name__
+        ([1], 'Linear')
     """
 
     def __init__(self, model: nn.Module, group: int, options: CodistillOptions,
@@ -223,7 +231,12 @@ class CodistillPeer:
             if "weights" in p:
                 if g not in self.teachers:
                     self.teachers[g] = self.build_teacher(g).to(device).eval().requires_grad_(False)
-                self.teachers[g].load_state_dict(p["weights"], strict=True)
+                try:
+                    self.teachers[g].load_state_dict(p["weights"], strict=True)
+                except RuntimeError as exc:
+                    raise CodistillError(f"group {g}'s weights do not fit the {type(self.teachers[g]).__name__} group "
+                                         f"{self.group} built as its teacher ({str(exc)[:300]}); every group must "
+                                         f"name the same architecture per group (method_args.models)") from None
             else:
                 self.peer_logits[g] = p["logits"]
 
@@ -257,13 +270,16 @@ class CodistillPeer:
 
 
 def exchange_due(step: int, options: CodistillOptions) -> bool:
-    """Whether step ``step`` (0-based, global) starts with an exchange.
+    """Whether step ``step`` (0-based, global) starts with an exchange: every ``K`` steps from
+    ``burn_in`` on.
 
     Examples:
         >>> [exchange_due(s, CodistillOptions(groups=2, exchange_every=3)) for s in range(4)]
         [True, False, False, True]
+        >>> [exchange_due(s, CodistillOptions(groups=2, exchange_every=2, burn_in=1)) for s in range(4)]
+        [False, True, False, True]
     """
-    return step % options.exchange_every == 0
+    return step >= options.burn_in and (step - options.burn_in) % options.exchange_every == 0
 
 
 def allreduce_bytes(model: nn.Module, ranks: int) -> dict[str, float]:

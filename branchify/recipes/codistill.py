@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from branchify.distributed.codistill import CodistillOptions, CodistillPeer, allreduce_bytes, exchange_due
+from branchify.distributed.codistill import (CodistillOptions, CodistillPeer, allreduce_bytes, exchange_due)
 from branchify.distributed.env import comm_device
 
 from . import ddp
@@ -151,7 +151,8 @@ def train_group(cfg: RunConfig, out: Path, ctx: GroupContext, *, resume: bool,
     ar = allreduce_bytes(model, ctx.dp_size)
     t0 = time.perf_counter() - elapsed
     metrics = next((h for h in reversed(history) if "target_acc" in h), None)
-    if start and start < cfg.epochs and not exchange_due(start * steps, options):
+    due = exchange_due(start * steps, options) or start * steps < options.burn_in
+    if start and start < cfg.epochs and not due:
         peer.absorb(ctx.transport.collect(start * steps))  # rejoin: the peers' newest snapshots now
     _set_train(model, cfg.freeze_bn)
     for epoch in range(start, cfg.epochs):

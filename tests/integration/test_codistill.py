@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from safetensors.torch import load_file
 
 from branchify.recipes.config import RunConfig
 
+from gloo_ranks import free_port
+
 FLAGS = ["--dataset", "fashion_mnist", "--model", "resnet20", "--fake-data", "--batch-size", "8", "--lr", "0.001",
          "--set", "fake_batches=3", "--set", "freeze_bn=true", "--device", "cpu", "--no-progress", "--no-plots",
          "--threads", "1"]
@@ -29,8 +30,9 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "branchify.recipes.cli", *FLAGS, *args]
 
 
-def _run(cmd: list[str], timeout: float = 240) -> str:
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV, text=True, timeout=timeout)
+def _run(cmd: list[str], timeout: float = 240, env: dict[str, str] | None = None) -> str:
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env or ENV, text=True,
+                       timeout=timeout)
     assert p.returncode == 0, f"{cmd} failed ({p.returncode}):\n{p.stdout[-4000:]}"
     return p.stdout
 
@@ -109,39 +111,30 @@ def _wait_for(path: Path, proc: subprocess.Popen, log: Path, limit: float) -> No
         time.sleep(0.02)
 
 
-def _pids_of(out: Path, group: int) -> list[int]:
-    """The processes this test started for ``group`` (their command lines name ``out`` and the group)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmd = (proc / "cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            continue
-        args = [a.decode(errors="replace") for a in cmd]
-        if proc.name.isdigit() and str(out) in args and any(a == "--group" and b == str(group)
-                                                             for a, b in zip(args, args[1:])):
-            pids.append(int(proc.name))
-    assert pids, f"no process of group {group} found"
-    return pids
+def _as_rank(port: int) -> dict[str, str]:
+    """The environment torchrun gives a single-process job: the CLI then runs as that one rank."""
+    return {**ENV, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port)}
 
 
 def test_a_killed_group_does_not_stop_the_other_and_rejoins_with_resume(tmp_path):
     out = tmp_path / "files"
-    common = ["--codistill", "2", "--nproc", "2", "--exchange-every", "1", "--epochs", "3",
-              "--set", "method_args.wait_s=4", "--out", str(out)]
+    common = ["--codistill", "2", "--exchange-every", "1", "--epochs", "3", "--set", "method_args.wait_s=4",
+              "--out", str(out)]
     logs = [tmp_path / f"group{g}.log" for g in range(2)]
+    # each group a one-rank job of its own (what `--nproc 2` starts with one torchrun per group)
     procs = [subprocess.Popen(_cli(*common, "--group", str(g)), stdout=logs[g].open("w"), stderr=subprocess.STDOUT,
-                              env=ENV, start_new_session=True) for g in range(2)]
+                              env=_as_rank(free_port())) for g in range(2)]
     try:
         _wait_for(out / "checkpoints" / "codistill-g1.pt", procs[1], logs[1], 150)
-        for pid in _pids_of(out, 1):  # the launcher, its torchrun agent and the worker (own session)
-            os.kill(pid, signal.SIGKILL)
+        procs[1].kill()
         procs[1].wait()
         assert procs[0].wait(timeout=150) == 0, logs[0].read_text()[-3000:]
     finally:
         for p in procs:
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+                p.kill()
+                p.wait()
     survivor = logs[0].read_text()
     assert "teacher set shrinks to [] at step" in survivor and "group 1" in survivor
     assert "group 0 finished: 3 epochs" in survivor and "teachers at the end [] of [1]" in survivor
@@ -149,7 +142,7 @@ def test_a_killed_group_does_not_stop_the_other_and_rejoins_with_resume(tmp_path
     killed_at = torch.load(out / "checkpoints" / "codistill-g1.pt", weights_only=True)["epoch"]
     assert killed_at < 3
     resumed = _run([sys.executable, "-m", "branchify.recipes.cli", "--resume", str(out), "--group", "1",
-                    "--nproc", "2", "--no-progress", "--threads", "1"])
+                    "--no-progress", "--threads", "1"], env=_as_rank(free_port()))
     assert f"group 1 resumes after epoch {killed_at}" in resumed
     assert "group 0 (re)joins the teacher set" in resumed and "all 2 groups finished" in resumed
     summary = json.loads((out / "results.json").read_text())
@@ -157,3 +150,22 @@ def test_a_killed_group_does_not_stop_the_other_and_rejoins_with_resume(tmp_path
     assert summary["groups"][1]["resumed_from_epoch"] == killed_at
     assert summary["groups"][1]["teachers_at_end"] == [0]
     assert [h["epoch"] for h in summary["groups"][1]["history"]] == [1, 2, 3]
+
+
+def test_the_cpu_benchmark_counts_bytes_and_churn_per_configuration(tmp_path):
+    from benchmarks.codistill_cpu import main as bench
+
+    assert bench(["--steps", "4", "--train-size", "100", "--test-size", "100", "--burn-in", "1", "--seeds", "0,1",
+                  "--ks", "1,2", "--no-logits", "--depth", "8", "--out", str(tmp_path), "--name", "t"]) == 0
+    res = json.loads((tmp_path / "t.json").read_text())
+    assert res["machine"]["torch"] == torch.__version__ and "| codistill-2 | 2 |" in (tmp_path / "t.md").read_text()
+    rows = {r["config"]: r for r in res["summary"]}
+    weights = res["runs"][0]["weights_bytes"]
+    assert rows["independent"]["cross_group_bytes_per_step"] == 0
+    assert rows["codistill-1"]["cross_group_bytes_per_step"] == weights * 3 / 4  # steps 1, 2, 3 (burn-in 1)
+    assert rows["codistill-2"]["cross_group_bytes_per_step"] == weights * 2 / 4  # steps 1 and 3
+    ring = {k: rows[k]["allreduce_bytes_per_rank_per_step"] for k in ("ddp", "independent")}
+    assert ring["ddp"] == 1.5 * ring["independent"]  # 2 (D - 1) / D: 3/2 of the gradients at D = 4, 1 at D = 2
+    for kind in ("independent", "ddp"):  # churn: two seeds' test predictions compared by hand
+        a, b = (r["predictions"] for r in res["runs"] if r["kind"] == kind)
+        assert rows[kind]["churn"][0] == pytest.approx(100 * sum(p != q for p, q in zip(a, b)) / len(a))
