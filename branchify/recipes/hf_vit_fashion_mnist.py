@@ -12,6 +12,11 @@ Run (CPU, a few minutes)::
     python -m branchify.recipes.hf_vit_fashion_mnist                       # baseline, one, tsa
     python -m branchify.recipes.hf_vit_fashion_mnist --methods baseline,one,tsa,okddip --epochs 12
     python -m branchify.recipes.hf_vit_fashion_mnist --smoke               # seconds: tiny subset, 1 epoch
+    python -m branchify.recipes.hf_vit_fashion_mnist --pretrained DIR      # fine-tune a save_pretrained ViT
+
+With ``--pretrained`` the ViT is loaded with ``from_pretrained``, so every method's replicas start from
+its weights with a fresh classifier each (``init="pretrained"``, chosen automatically; ``--init``
+overrides); each row records the replica init it got.
 
 Examples:
     >>> from branchify.recipes.hf_vit_fashion_mnist import main
@@ -121,7 +126,11 @@ def run_method(method: str, train: ImageDataset, test: ImageDataset, args: argpa
     from branchify.integrations.hf import BranchifyCallback, branchify_hf
 
     out = Path(args.out) / method
-    vit = make_vit(layers=args.layers, hidden=args.hidden, seed=args.seed)
+    if args.pretrained:
+        vit = ViTForImageClassification.from_pretrained(args.pretrained, num_labels=10,
+                                                        ignore_mismatched_sizes=True)
+    else:
+        vit = make_vit(layers=args.layers, hidden=args.hidden, seed=args.seed)
     callbacks = []
     if method == "baseline":
         model = vit
@@ -129,7 +138,7 @@ def run_method(method: str, train: ImageDataset, test: ImageDataset, args: argpa
         split = METHOD_SPLITS.get(method)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            model = branchify_hf(vit, method, split=split) if split else branchify_hf(vit, method)
+            model = branchify_hf(vit, method, init=args.init, **({"split": split} if split else {}))
         callbacks.append(BranchifyCallback())
     trained_params = sum(p.numel() for p in model.parameters())
     trainer = Trainer(model=model, args=training_args(out, args), train_dataset=train, eval_dataset=test,
@@ -154,6 +163,7 @@ def run_method(method: str, train: ImageDataset, test: ImageDataset, args: argpa
         ensemble = model.branched.ensemble()
         row["ensemble_accuracy"] = evaluate_accuracy(ensemble, test)
         row["leaves"] = model.branched.num_leaves
+        row["replica_init"] = model.branched.init_used
     return row
 
 
@@ -182,6 +192,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrained", default=None, help="a save_pretrained ViT folder to fine-tune (from_pretrained)")
+    p.add_argument("--init", default="auto", help="replica init (auto: pretrained for --pretrained, else hf)")
     p.add_argument("--log-every", type=int, default=50, help="Trainer logging_steps")
     p.add_argument("--data", default=None, help="Fashion-MNIST folder (else $BRANCHIFY_FASHION_MNIST, ...)")
     p.add_argument("--out", default="runs/hf_vit_fashion_mnist")

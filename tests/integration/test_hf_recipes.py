@@ -46,3 +46,17 @@ def test_hf_vit_fashion_mnist_smoke(tmp_path):
     # The reloaded export scores what the Trainer measured on the branched model's target.
     assert one["target_accuracy"] == pytest.approx(one["trainer_accuracy"])
     assert (tmp_path / "results.json").is_file()
+
+
+def test_hf_vit_fashion_mnist_from_a_pretrained_vit(tmp_path):
+    from branchify.recipes.data import find_fashion_mnist
+    from branchify.recipes.hf_vit_fashion_mnist import main, make_vit
+
+    try:
+        find_fashion_mnist()
+    except FileNotFoundError:
+        pytest.skip("Fashion-MNIST is not installed (scripts/setup.sh installs it)")
+    make_vit(seed=1).save_pretrained(tmp_path / "vit")
+    rows = main(["--smoke", "--methods", "dml", "--pretrained", str(tmp_path / "vit"), "--out", str(tmp_path)])
+    assert rows[0]["replica_init"].startswith("pretrained:")
+    assert "task head ['classifier'] re-initialised in leaves [1]" in rows[0]["replica_init"]
