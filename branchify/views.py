@@ -116,6 +116,9 @@ class HasViews:
         """
         fn = check_views(views)
         object.__setattr__(self, "_views", None if fn is None else SharedViews(fn, self))
+        ema = getattr(self._modules.get("temporal"), "model", None)  # type: ignore[attr-defined]
+        if ema is not None:  # a temporal-mean copy made earlier runs on the same views
+            object.__setattr__(ema, "_views", self._views)
 
     def draw_views(self, args: tuple) -> list[torch.Tensor] | None:
         """One view of ``args[0]`` per leaf in training mode; ``None`` without views or in eval mode."""

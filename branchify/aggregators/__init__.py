@@ -14,8 +14,10 @@ from branchify.aggregators.hierarchical_ta import HierarchicalTA
 from branchify.aggregators.mean import Mean
 from branchify.aggregators.pairwise import Pairwise
 from branchify.aggregators.peer_attention import PeerAttention
+from branchify.aggregators.temporal_peers import PeerTemporalMean
 from branchify.aggregators.peer_mean import PeerMean
 from branchify.aggregators.weighted_mean import WeightedMean, fit_ensemble_weights
 
 __all__ = ["AccuracyWeighted", "Aggregator", "AggregatorError", "Compose", "FeatureFusion", "Gate", "HierarchicalTA",
-           "KDTerm", "Mean", "Pairwise", "PeerAttention", "PeerMean", "Targets", "WeightedMean", "fit_ensemble_weights"]
+           "KDTerm", "Mean", "Pairwise", "PeerAttention", "PeerMean", "PeerTemporalMean",
+           "Targets", "WeightedMean", "fit_ensemble_weights"]

@@ -83,7 +83,7 @@ def available_methods() -> list[str]:
 
     Example:
         >>> available_methods()
-        ['ahbf', 'cl_ilr', 'dml', 'kdcl', 'okddip', 'one', 'tsa', 'u_tsa']
+        ['ahbf', 'cl_ilr', 'dml', 'kdcl', 'okddip', 'one', 'pcl', 'tsa', 'u_tsa']
     """
     return sorted(_REGISTRY)
 
@@ -110,9 +110,13 @@ class Resolved:
 
 
 def apply_model_options(branched: Any, options: dict[str, Any]) -> None:
-    """Set :data:`MODEL_OPTIONS` on a built model (``views`` -> ``branched.set_views``)."""
+    """Set :data:`MODEL_OPTIONS` on a built model (``views`` -> ``branched.set_views``), then run the
+    preset's ``setup`` steps (a builder puts ``o["_setup"] = [fn(branched), ...]``, e.g. PCL attaching
+    its temporal-mean copy)."""
     if options.get("views") is not None:
         branched.set_views(options["views"])
+    for step in options.get("setup", ()):
+        step(branched)
 
 
 def resolve(name: str, model: nn.Module, overrides: dict[str, Any]) -> Resolved:
@@ -139,6 +143,7 @@ def resolve(name: str, model: nn.Module, overrides: dict[str, Any]) -> Resolved:
     branchify_kwargs = {k: overrides[k] for k in BRANCHIFY_OPTIONS if k in overrides}
     model_options = {k: overrides[k] for k in MODEL_OPTIONS if k in overrides}
     check_views(model_options.get("views"))
+    model_options["setup"] = list(options.get("_setup", ()))
     return Resolved(spec, aggregator, loss_kwargs, branchify_kwargs, options.get("_split_reason"), model_options)
 
 
