@@ -13,7 +13,7 @@ Layout: :func:`branchify` (``build.py``) traces and cuts a model into a :class:`
 preset in one call; framework glue lives in ``integrations/`` and registers itself
 (``registry.py``).
 """
-from . import aggregators, methods, metrics, schedules, viz
+from . import aggregators, methods, metrics, schedules, views, viz
 from .build import branchify
 from .cohort import Cohort
 from .contract import LeafModel
@@ -33,4 +33,4 @@ __version__ = "0.2.0"
 __all__ = ["BranchedModel", "BranchedOutput", "BranchifyError", "Cohort", "INPUT", "LeafModel", "LossOutput",
            "OnlineKD", "Spec", "SpecError", "Tracer", "TraceError", "aggregators", "available_methods", "branchify",
            "method", "methods", "metrics", "pretrained_peers", "schedules", "split_points", "TemporalMean",
-           "trace", "viz"]
+           "trace", "views", "viz"]
