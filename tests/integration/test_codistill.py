@@ -1,10 +1,15 @@
 """branchify-train --codistill: 2 groups x 2 gloo ranks at K=1 train exactly like two models
-distilling in one process; a killed group does not stop the other and rejoins with --resume;
-ranks started with different configs all fail with one message."""
+distilling in one process; a killed group does not stop the other and rejoins with --resume; the
+launcher (--nproc) runs one torchrun job per group; the CPU benchmark counts bytes and churn.
+
+The ranks are forked from the test process and run the CLI's ``main`` as torchrun would start it
+(``RANK``/``WORLD_SIZE``/``MASTER_*`` set), so they skip the interpreter start and the imports
+(seconds each on a busy 2-core machine); the launcher test starts real torchrun jobs."""
 from __future__ import annotations
 
 import copy
 import json
+import multiprocessing as mp
 import os
 import subprocess
 import sys
@@ -16,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from branchify.recipes.cli import main as cli_main
 from branchify.recipes.config import RunConfig
 
-from gloo_ranks import free_port
+from gloo_ranks import free_port, run_ranks
 
 FLAGS = ["--dataset", "fashion_mnist", "--model", "resnet20", "--fake-data", "--batch-size", "8", "--lr", "0.001",
          "--set", "fake_batches=3", "--set", "freeze_bn=true", "--device", "cpu", "--no-progress", "--no-plots",
@@ -26,15 +32,22 @@ FLAGS = ["--dataset", "fashion_mnist", "--model", "resnet20", "--fake-data", "--
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "branchify.recipes.cli", *FLAGS, *args]
+def _as_rank(rank: int, world: int, port: int, argv: list[str]) -> None:
+    """Run the CLI as rank ``rank`` of a ``world``-rank torchrun job; raise on a non-zero exit."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    code = cli_main(argv)
+    if code:
+        raise SystemExit(code)
 
 
-def _run(cmd: list[str], timeout: float = 240, env: dict[str, str] | None = None) -> str:
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env or ENV, text=True,
-                       timeout=timeout)
-    assert p.returncode == 0, f"{cmd} failed ({p.returncode}):\n{p.stdout[-4000:]}"
-    return p.stdout
+def _collective_rank(rank: int, port: int, argv: list[str]) -> None:
+    _as_rank(rank, 4, port, argv)
+
+
+def _events(out: Path) -> list[str]:
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [r["message"] for r in lines if r.get("event") == "codistill"]
 
 
 def _reference(cfg: RunConfig, kd: bool) -> list[dict[str, torch.Tensor]]:
@@ -81,8 +94,9 @@ def _reference(cfg: RunConfig, kd: bool) -> list[dict[str, torch.Tensor]]:
 def test_two_groups_of_two_gloo_ranks_at_k1_equal_two_models_distilling_in_one_process(tmp_path):
     out = tmp_path / "collective"
     t0 = time.monotonic()
-    log = _run(_cli("--codistill", "2", "--nproc", "4", "--exchange-every", "1", "--epochs", "2",
-                    "--set", "method_args.via=collective", "--out", str(out)))
+    argv = [*FLAGS, "--codistill", "2", "--exchange-every", "1", "--epochs", "2", "--set", "method_args.via=collective",
+            "--out", str(out)]
+    run_ranks(_collective_rank, (argv,), nprocs=4, timeout=120)
     seconds = time.monotonic() - t0
     cfg = RunConfig.from_dict(json.loads((out / "run.json").read_text())["config"])
     want, plain = _reference(cfg, kd=True), _reference(cfg, kd=False)
@@ -99,57 +113,82 @@ def test_two_groups_of_two_gloo_ranks_at_k1_equal_two_models_distilling_in_one_p
     received = summary["groups"][0]["history"][-1]["bytes/cross_group_received"]
     assert received == 6 * sum(t.numel() * t.element_size() for t in want[0].values())  # 6 steps x 1 peer
     assert summary["groups"][0]["allreduce"]["gradient_bytes"] == 4 * params
-    assert "ensemble (mean softmax)" in (out / "summary.md").read_text() and "all 2 groups finished" in log
+    assert "ensemble (mean softmax)" in (out / "summary.md").read_text()
+    assert any("all 2 groups finished" in e for e in _events(out))
     print(f"codistill K=1 2x2 gloo run: {seconds:.1f} s")
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, log: Path, limit: float) -> None:
+def _group(group: int, argv: list[str]) -> mp.Process:
+    """Group ``group`` as its own one-rank job (what ``--nproc 2`` starts: one torchrun per group)."""
+    proc = mp.get_context("fork").Process(target=_as_rank, args=(0, 1, free_port(), [*argv, "--group", str(group)]))
+    proc.start()
+    return proc
+
+
+def _wait_for(path: Path, proc: mp.Process, limit: float) -> None:
     t0 = time.monotonic()
     while not path.exists():
-        assert proc.poll() is None, f"group ended before it was killed:\n{log.read_text()[-3000:]}"
+        assert proc.is_alive(), f"the group ended (exit code {proc.exitcode}) before it was killed"
         assert time.monotonic() - t0 < limit, f"{path} did not appear within {limit} s"
-        time.sleep(0.02)
-
-
-def _as_rank(port: int) -> dict[str, str]:
-    """The environment torchrun gives a single-process job: the CLI then runs as that one rank."""
-    return {**ENV, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port)}
+        time.sleep(0.01)
 
 
 def test_a_killed_group_does_not_stop_the_other_and_rejoins_with_resume(tmp_path):
     out = tmp_path / "files"
-    common = ["--codistill", "2", "--exchange-every", "1", "--epochs", "3", "--set", "method_args.wait_s=4",
-              "--out", str(out)]
-    logs = [tmp_path / f"group{g}.log" for g in range(2)]
-    # each group a one-rank job of its own (what `--nproc 2` starts with one torchrun per group)
-    procs = [subprocess.Popen(_cli(*common, "--group", str(g)), stdout=logs[g].open("w"), stderr=subprocess.STDOUT,
-                              env=_as_rank(free_port())) for g in range(2)]
+    argv = [*FLAGS, "--codistill", "2", "--exchange-every", "1", "--epochs", "3", "--set", "method_args.wait_s=3",
+            "--out", str(out)]
+    procs = [_group(g, argv) for g in range(2)]
     try:
-        _wait_for(out / "checkpoints" / "codistill-g1.pt", procs[1], logs[1], 150)
+        _wait_for(out / "checkpoints" / "codistill-g1.pt", procs[1], 90)
         procs[1].kill()
-        procs[1].wait()
-        assert procs[0].wait(timeout=150) == 0, logs[0].read_text()[-3000:]
+        procs[1].join()
+        procs[0].join(timeout=90)
+        assert procs[0].exitcode == 0, f"the surviving group failed (exit code {procs[0].exitcode})"
     finally:
         for p in procs:
-            if p.poll() is None:
+            if p.is_alive():
                 p.kill()
-                p.wait()
-    survivor = logs[0].read_text()
-    assert "teacher set shrinks to [] at step" in survivor and "group 1" in survivor
-    assert "group 0 finished: 3 epochs" in survivor and "teachers at the end [] of [1]" in survivor
-    assert "the ensemble is written when group(s) [1] finish" in survivor
+                p.join()
+    events = _events(out)
+    assert any("group 0: teacher set shrinks to [] at step" in e and "group 1" in e for e in events)
+    assert any("group 0 finished: 3 epochs" in e and "teachers at the end [] of [1]" in e for e in events)
+    assert any("the ensemble is written when group(s) [1] finish" in e for e in events)
     killed_at = torch.load(out / "checkpoints" / "codistill-g1.pt", weights_only=True)["epoch"]
-    assert killed_at < 3
-    resumed = _run([sys.executable, "-m", "branchify.recipes.cli", "--resume", str(out), "--group", "1",
-                    "--no-progress", "--threads", "1"], env=_as_rank(free_port()))
-    assert f"group 1 resumes after epoch {killed_at}" in resumed
-    assert "group 0 (re)joins the teacher set" in resumed and "all 2 groups finished" in resumed
+    assert killed_at < 3 and not (out / "results.json").exists()
+    resumed = _group(1, ["--resume", str(out), "--no-progress", "--threads", "1"])
+    resumed.join(timeout=90)
+    assert resumed.exitcode == 0
+    events = _events(out)
+    assert f"group 1 resumes after epoch {killed_at}" in events
+    assert any("group 1: group 0 (re)joins the teacher set" in e for e in events)
     summary = json.loads((out / "results.json").read_text())
     assert [r["epochs"] for r in summary["groups"]] == [3, 3]
     assert summary["groups"][1]["resumed_from_epoch"] == killed_at
     assert summary["groups"][1]["teachers_at_end"] == [0]
     assert [h["epoch"] for h in summary["groups"][1]["history"]] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_the_launcher_runs_one_torchrun_job_per_group(tmp_path):
+    out = tmp_path / "launched"
+    cmd = [sys.executable, "-m", "branchify.recipes.cli", *FLAGS, "--codistill", "2", "--nproc", "2", "--epochs", "1",
+           "--exchange-every", "2", "--set", "method_args.exchange=weights", "--out", str(out)]
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-4000:]
+    assert "launched 2 group(s) x 1 processes (one torchrun job per group)" in p.stdout
+    assert json.loads((out / "results.json").read_text())["options"]["exchange_every"] == 2
+
+
+def test_bad_codistillation_launches_fail_before_any_process_starts(tmp_path, capsys):
+    assert cli_main([*FLAGS, "--codistill", "2", "--nproc", "3", "--out", str(tmp_path / "a")]) == 2
+    assert "--nproc 3 must be a multiple of --codistill 2" in capsys.readouterr().err
+    assert cli_main([*FLAGS, "--codistill", "2", "--nproc", "2", "--set", "method_args.exchange=logit",
+                     "--out", str(tmp_path / "b")]) == 2
+    assert "exchange must be one of ['weights', 'logits'], got 'logit'" in capsys.readouterr().err
+    assert cli_main([*FLAGS, "--codistill", "2", "--nproc", "2", "--set", "method_args.models=[resnet20]",
+                     "--out", str(tmp_path / "c")]) == 2
+    assert "names 1 architectures (['resnet20']) for 2 groups" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in "abc")
 
 
 def test_the_cpu_benchmark_counts_bytes_and_churn_per_configuration(tmp_path):
