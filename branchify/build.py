@@ -14,7 +14,7 @@ from .registry import plugin_for
 from .spec import INPUT, Spec, SpecError
 from .surgery.batched import BatchedMode, check_mode
 from .surgery.batched import model_key as _key
-from .surgery.deepen import check_deepen, container_blocks, deepen_graph, identity_init
+from .surgery.deepen import Target, deepen_graph, make_copies, prepare_deepen
 from .surgery.init import INIT_DESCRIPTIONS, reinitialise, resolve_init
 from .surgery.partition import make_inplace_safe, partition
 from .surgery.pretrained import apply_pretrained, describe_pretrained, head_init_method, head_paths
@@ -58,8 +58,7 @@ def branchify(model: nn.Module, spec: Spec, *, model_fn: Callable[[], nn.Module]
     if model_fn is None and plugin is not None and plugin.model_fn is not None:
         model_fn = plugin.model_fn(model)
     how, detected = _resolve_init(spec, model, model_fn, plugin, init_noise)
-    for container, extra in spec.deepen.items():
-        check_deepen(model, container, extra)
+    targets = prepare_deepen(model, spec.deepen, tracer)
     work = copy.deepcopy(model)
     was_training = work.training
     gm = trace(work, tracer)
@@ -81,7 +80,7 @@ def branchify(model: nn.Module, spec: Spec, *, model_fn: Callable[[], nn.Module]
                 reinitialise(replica, how, original=work, model_fn=model_fn)
             make_inplace_safe(replica)
             if level == spec.num_levels:
-                _apply_deepen(replica, spec, leaf_index[path], work, how, model_fn)
+                _apply_deepen(replica, spec, leaf_index[path], work, how, model_fn, targets)
             segments[_key(path)] = replica
     init_used = _init_used(how, segments, spec, gm, part, work, model_fn, plugin, init_noise, detected)
     _retie(segments, spec, part.tied)
@@ -100,6 +99,7 @@ def branchify(model: nn.Module, spec: Spec, *, model_fn: Callable[[], nn.Module]
                        init_used=init_used, tied={k: sorted(v) for k, v in part.tied.items()},
                        unfrozen=unfrozen, batched=batched,
                        final_linear_in=part.final_linear.in_features if part.final_linear is not None else None)
+    bm.deepened = {key: t.report() for key, t in targets.items()}  # describe() names the copied blocks
     bm.train(was_training)
     return bm
 
@@ -182,27 +182,17 @@ def _warn_identical_replicas(segments: dict[str, fx.GraphModule], spec: Spec, ho
 
 
 def _apply_deepen(replica: fx.GraphModule, spec: Spec, leaf: int, work: nn.Module, how: str,
-                  model_fn: Callable[[], nn.Module] | None) -> None:
+                  model_fn: Callable[[], nn.Module] | None, targets: dict[str, Target]) -> None:
     fresh = {"copy": "shuffle", "pretrained": "donor" if model_fn is not None else "shuffle"}.get(how, how)
-    for container, counts in spec.deepen.items():
-        extra = counts[leaf]
-        if not extra:
-            continue
-        cont = container_blocks(work, container)
-        n = len(cont)
-        new_blocks = []
-        for _ in range(max(extra, 0)):
-            blk = copy.deepcopy(cont[n - 1])
-            src = f"{container}.{n - 1}."
-            reinitialise(blk, fresh, original=work, model_fn=model_fn,
-                         prefix_map=lambda k, src=src: src + k)
-            if spec.deepen_init == "identity" and not identity_init(blk):
-                raise SpecError(f"deepen_init='identity': the appended block {container}.{n - 1} "
-                                f"({type(blk).__name__}) could not be made to start as the identity (no "
-                                f"last normalisation layer whose zero scale silences its residual branch); "
-                                f"pass deepen_init='standard' to keep the architecture's own init")
-            new_blocks.append(blk)
-        deepen_graph(replica, container, n, new_blocks, max(-extra, 0))
+
+    def reinit(blk: nn.Module, src: str) -> None:
+        reinitialise(blk, fresh, original=work, model_fn=model_fn, prefix_map=lambda k: src + k)
+
+    for key, counts in spec.deepen.items():
+        if counts[leaf]:
+            t = targets[key]
+            new_blocks = make_copies(work, t, max(counts[leaf], 0), reinit, spec.deepen_init)
+            deepen_graph(replica, t, new_blocks, max(-counts[leaf], 0))
 
 
 def _resolve_init(spec: Spec, model: nn.Module, model_fn: Callable[[], nn.Module] | None, plugin,

@@ -92,6 +92,9 @@ def describe(model: "BranchedModel", *example_inputs: Any, **kwargs: Any) -> str
              f"replica init: {model.init_used}"]
     if getattr(model, "split_reason", None):
         lines.append(model.split_reason)
+    for key, d in (getattr(model, "deepened", None) or {}).items():
+        lines.append(f"deepened: copies of {d['block']} ({d['class']}) go right after it (deepen key {key!r}: "
+                     f"{spec.deepen[key]} per leaf); they start as {d['start']}")
     if getattr(model, "unfrozen", None):
         lines.append(f"frozen in the original, trainable in these re-initialised replicas: {model.unfrozen}")
     if getattr(model, "tied", None):

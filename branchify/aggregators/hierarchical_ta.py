@@ -28,10 +28,28 @@ class _Fusion(nn.Module):
         return fused, s
 
 
+def _fusable(out: BranchedOutput) -> list[torch.Tensor]:
+    """The leaves' feature maps ``[B, C, H, W]``; without them (a ViT, BERT or Llama: no map before
+    the classifier) the features as maps: ``[B, C]`` as ``[B, C, 1, 1]`` and token features
+    ``[B, L, C]`` as ``[B, C, L, 1]``, so the 1x1 fusion is a per-token linear layer."""
+    if out.feature_maps and all(f is not None and f.dim() == 4 for f in out.feature_maps):
+        return list(out.feature_maps)
+    maps = []
+    for m, f in enumerate(out.features or [None] * len(out.logits)):
+        if f is None or f.dim() not in (2, 3):
+            shape = None if f is None else tuple(f.shape)
+            raise AggregatorError(
+                f"HierarchicalTA fuses [B, C, H, W] feature maps (or [B, C] / [B, L, C] features) but leaf {m} "
+                f"has {shape}; pass feature_node=<module path> to name the features the classifier reads")
+        maps.append(f[:, :, None, None] if f.dim() == 2 else f.transpose(1, 2).unsqueeze(-1))
+    return maps
+
+
 class HierarchicalTA(Aggregator):
     """AHBF-OKD (Gong et al. 2023): recursive teacher assistants over the leaves, in leaf order.
 
-    With ``F^m`` the feature map of leaf m before pooling (``out.feature_maps``) and leaves
+    With ``F^m`` the feature map of leaf m before pooling (``out.feature_maps``; a model without
+    one - a transformer - fuses its features as 1x1 maps) and leaves
     numbered 0..M-1 (leaf 0 = the target, the shallowest in AHBF's tree):
     ``TA(0) = leaf 0`` (``F~0 = F^0``, ``z_ta(0) = z_0``); for m >= 1
     ``F~m = BN2d(Conv1x1(cat[F~(m-1), F^m]))`` (2C -> C, no ReLU),
@@ -85,7 +103,7 @@ class HierarchicalTA(Aggregator):
 
     def _bind_sizes(self, model) -> None:
         if self.channels is None:
-            self.channels = _model_attr(model, "feature_map_channels")
+            self.channels = _model_attr(model, "feature_map_channels") or _model_attr(model, "feature_dim")
 
     def _build_if_ready(self) -> None:
         if self.fusions is None and self.channels is not None and self.num_leaves is not None:
@@ -98,13 +116,7 @@ class HierarchicalTA(Aggregator):
         if self.fusions is None:
             require_size(self.channels, "the channels of out.feature_maps", "channels", "HierarchicalTA")
             require_size(self.num_leaves, "the number of leaves", "num_leaves", "HierarchicalTA")
-        maps = out.feature_maps
-        for m, f in enumerate(maps):
-            if f is None or f.dim() != 4:
-                shape = None if f is None else tuple(f.shape)
-                raise AggregatorError(
-                    f"HierarchicalTA fuses [B, C, H, W] feature maps but leaf {m} has {shape}; it needs a "
-                    f"model whose classifier pools a 4-D feature map (e.g. a CNN)")
+        maps = _fusable(out)
         l1, l2 = self.lambdas
         assert self.fusions is not None
         fused, z_ta = maps[0], out.logits[0]

@@ -1,9 +1,18 @@
 """AHBF-OKD (Gong et al. 2023): progressively deeper leaves fused into hierarchical teacher assistants.
 
-Tree: ``branches`` = 4 leaves after the last stage; leaf m's copy of the stage gets ``aux * m``
-extra blocks (fresh copies of its last block; ``aux`` 4 on CIFAR-style nets, 2 on torchvision
-ResNets, the paper's CIFAR / ImageNet settings), appended as the identity by default
-(``deepen_init="identity"``, see below). Aggregator: :class:`~branchify.aggregators.HierarchicalTA`
+Tree: ``branches`` = 4 leaves after the last split; leaf m gets ``aux * m`` fresh copies of one
+block right after it, starting as the identity by default (``deepen_init="identity"``, see below).
+The block is chosen from a forward of the model on a synthesised input
+(:mod:`branchify.surgery.deepen_pick`): the shape-preserving residual block after the cut that
+starts last - the last block of a ResNet's ``layer4`` (the key is then its container, as the
+paper deepens the last stage), of a Swin / ConvNeXt last stage, the last transformer layer, a
+MobileNet's last inverted residual with a skip (copies go before the closing 1x1 conv).
+``deepen_container`` names the container (or block) instead; ``deepen`` gives the whole mapping;
+``aux=0`` deepens nothing. ``aux="auto"`` applies the paper's two settings by the body's number
+of stages (distinct block output shapes in that forward): its ImageNet ResNets have four stages
+and use 2 extra blocks per step, its CIFAR ResNets three and use 4 - so 2 for four or more
+stages (ResNet-18/50, Swin, ConvNeXt, MobileNet), 4 otherwise (CIFAR ResNets, ViT, BERT, Llama:
+one stage). Aggregator: :class:`~branchify.aggregators.HierarchicalTA`
 with the authors'-code term ``lambda1 * KL(TA_m || branch m)`` (``own_ta``). Loss: T = 3, the KD
 terms ramped over the whole run (the code's ``--rampup`` = the epoch count), nothing detached.
 
@@ -26,7 +35,9 @@ from __future__ import annotations
 from torch import nn
 
 from ..aggregators import HierarchicalTA
-from ..spec import Spec
+from ..spec import Spec, SpecError
+from ..surgery.deepen_pick import pick_block
+from ..surgery.default_split import default_splits
 from .common import COMMON, as_splits, branches, loss_kwargs
 from .registry import MethodError, Preset, register_method
 
@@ -34,12 +45,35 @@ DEFAULTS = {**COMMON, "branches": 4, "ramp": 1.0, "aux": "auto", "deepen": None,
             "lambdas": (1.0, 1.0), "own_ta": True, "deepen_init": "identity"}
 
 
-def _container(model: nn.Module, split: str, chosen) -> str:
-    """What the deeper leaves lengthen: the split itself when it is a stage of blocks (a ResNet's
-    ``layer4``), else - the default split being one block of the body (a ViT layer) - the body."""
-    if isinstance(model.get_submodule(split), (nn.Sequential, nn.ModuleList)) or chosen is None:
-        return split
-    return chosen.body
+def _body_blocks(model: nn.Module, o: dict) -> list[str]:
+    chosen = o.get("_default_splits")
+    if chosen is None:
+        try:
+            chosen = default_splits(model, 1, o.get("tracer"))
+        except ValueError:  # no body: the stage count is then 0 (aux 4)
+            return []
+    return chosen.blocks
+
+
+def _deepen(model: nn.Module, splits: list[str], k: int, o: dict) -> dict[str, list[int]]:
+    """``{deepen key: [0, a, 2a, ...]}`` by the rule in the module docstring."""
+    a = o["aux"]
+    if a != "auto" and (isinstance(a, bool) or not isinstance(a, int)):
+        raise MethodError(f"aux={a!r} must be an int (extra blocks per leaf step) or 'auto'")
+    if a == 0:
+        return {}
+    key = o["deepen_container"]
+    if key is None or a == "auto":
+        try:
+            pick = pick_block(model, splits[-1], _body_blocks(model, o), o.get("tracer"), o["deepen_init"], key)
+        except SpecError as exc:
+            raise MethodError(str(exc)) from None
+        except ValueError as exc:
+            raise MethodError(f"AHBF could not find the block to deepen: {exc}. Name it with deepen_container="
+                              f"<a container of blocks, or a block inside one> and aux=<int>") from None
+        key = pick.key
+        a = (2 if pick.stages >= 4 else 4) if a == "auto" else a
+    return {key: [a * m for m in range(k)]}
 
 
 def build(model, o):
@@ -47,13 +81,7 @@ def build(model, o):
     splits = as_splits(o, 1, model)
     deepen = o["deepen"]
     if deepen is None:
-        a = o["aux"]
-        if a == "auto":
-            a = 2 if isinstance(getattr(model, "layer4", None), nn.Module) else 4
-        if isinstance(a, bool) or not isinstance(a, int):
-            raise MethodError(f"aux={a!r} must be an int (extra blocks per leaf step) or 'auto'")
-        container = o["deepen_container"] or _container(model, splits[-1], o.get("_default_splits"))
-        deepen = {container: [a * m for m in range(k)]} if a else {}
+        deepen = _deepen(model, splits, k, o)
     spec = Spec(splits=splits, fanout=[k], target=o["target"], init=o["init"], deepen=deepen,
                 deepen_init=o["deepen_init"])
     return spec, HierarchicalTA(lambdas=tuple(o["lambdas"]), own_ta=o["own_ta"]), loss_kwargs(o)

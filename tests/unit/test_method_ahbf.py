@@ -52,10 +52,30 @@ def test_nothing_detached_fusion_learns_from_kd(fake_model, output):
     assert out.logits[1].grad.abs().sum() > 0  # leaf 1 is inside the teacher TA(1)
 
 
-def test_needs_feature_maps_and_two_leaves(output):
+def test_without_maps_the_features_fuse_as_1x1_maps(output):
+    """A transformer reports no feature map: its [B, C] features (or [B, L, C] token features)
+    fuse as [B, C, 1, 1] ([B, C, L, 1]) maps - the same targets as passing those maps."""
+    torch.manual_seed(0)
+    agg = HierarchicalTA(channels=16, num_leaves=3)
     out = output(k=3, feat=16)
     out.feature_maps = [None] * 3
-    with pytest.raises(AggregatorError, match="feature maps"):
+    as_maps = output(k=3, feat=16)
+    as_maps.logits, as_maps.features = out.logits, out.features
+    as_maps.feature_maps = [f[:, :, None, None] for f in out.features]
+    got, want = agg(out), agg(as_maps)
+    for name in want.ce:
+        torch.testing.assert_close(got.ce[name], want.ce[name], rtol=0, atol=0)
+    tokens = [torch.randn(4, 5, 16) for _ in range(3)]
+    out.features, out.logits = tokens, [torch.randn(4, 5, 7) for _ in range(3)]
+    as_maps.features, as_maps.logits = tokens, out.logits
+    as_maps.feature_maps = [t.transpose(1, 2).unsqueeze(-1) for t in tokens]
+    torch.testing.assert_close(agg(out).ce["ta2"], agg(as_maps).ce["ta2"], rtol=0, atol=0)
+
+
+def test_needs_feature_maps_and_two_leaves(output):
+    out = output(k=3, feat=16)
+    out.feature_maps, out.features = [None] * 3, [None] * 3
+    with pytest.raises(AggregatorError, match="feature_node="):
         HierarchicalTA(channels=16, num_leaves=3)(out)
     with pytest.raises(AggregatorError, match="at least 2"):
         HierarchicalTA(channels=16, num_leaves=1)
