@@ -57,7 +57,8 @@ def _cast(out: BranchedOutput, dtype: torch.dtype) -> BranchedOutput:
     return replace(out, logits=[cast(z) for z in out.logits], features=[cast(f) for f in out.features],
                    feature_maps=[cast(f) for f in out.feature_maps],
                    cuts={k: cast(v) for k, v in out.cuts.items()},
-                   temporal=_cast(out.temporal, dtype) if out.temporal is not None else None)
+                   temporal=_cast(out.temporal, dtype) if out.temporal is not None else None,
+                   hybrid=_cast(out.hybrid, dtype) if out.hybrid is not None else None)
 
 
 class LeafModel(nn.Module, abc.ABC):
@@ -144,11 +145,15 @@ class LeafModel(nn.Module, abc.ABC):
     # ------------------------------------------------------------------ forward and deployment
     def forward(self, *args: Any, **kwargs: Any) -> BranchedOutput:
         """The leaves' outputs and, in ``out.targets``, the aggregator's teacher targets (and, with a
-        :class:`~branchify.temporal.TemporalMean` attached, its outputs in ``out.temporal``)."""
+        :class:`~branchify.temporal.TemporalMean` attached, its outputs in ``out.temporal``; with a
+        :class:`~branchify.hybrid.WeightFusion`, the hybrid's in ``out.hybrid``)."""
         out = self.forward_leaves(*args, **kwargs)
         temporal = self._modules.get("temporal")
         if temporal is not None:
             out = replace(out, temporal=temporal(*args, **kwargs))
+        fusion = self._modules.get("fusion")
+        if fusion is not None:
+            out = replace(out, hybrid=fusion(*args, **kwargs))
         return self.aggregate(out)
 
     @abc.abstractmethod

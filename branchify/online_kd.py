@@ -1,6 +1,7 @@
 """The user-facing online-KD loss: ``okd(model(x), y) -> LossOutput(total, parts)``."""
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +98,8 @@ class OnlineKD:
             :data:`~branchify.token_chunks.AUTO_MIN_ELEMENTS`; an int chunks with that many
             tokens per chunk; ``None`` never chunks. Classification labels ``[B]`` are chunked
             only with an explicit int.
+        ce_weights: per aggregator teacher name (``out.targets.ce``), the weight of its
+            cross-entropy instead of ``ce_weight`` (OKDPH weighs its hybrid's CE apart).
 
     Examples:
         >>> okd = OnlineKD(model, Gate(), temperature=3.0, ramp=80 / 300)    # doctest: +SKIP
@@ -107,7 +110,8 @@ class OnlineKD:
     def __init__(self, model: Any, aggregator: Any = None, *, temperature: float = 3.0,
                  ce_weight: float = 1.0, kd_weight: float = 1.0, ramp: Schedule | int | float | None = None,
                  detach: bool | None = None, teacher: nn.Module | None = None, teacher_weight: float = 1.0,
-                 teacher_temperature: float | None = None, token_chunk: int | str | None = "auto") -> None:
+                 teacher_temperature: float | None = None, token_chunk: int | str | None = "auto",
+                 ce_weights: dict[str, float] | None = None) -> None:
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if teacher_temperature is not None and not teacher_temperature > 0:
@@ -123,6 +127,10 @@ class OnlineKD:
             leaf_model.attach(aggregator)
         self.temperature = float(temperature)
         self.ce_weight = float(ce_weight)
+        self.ce_weights = {str(k): float(v) for k, v in (ce_weights or {}).items()}
+        # The model's epoch-driven parts (WeightFusion's fuse-back) follow set_epoch; weak, so the
+        # loss still holds no module of the model (dropped when the loss is pickled).
+        self._model = weakref.ref(leaf_model)
         self.kd_weight = float(kd_weight)
         self.ramp = schedule
         self.detach = detach
@@ -157,6 +165,10 @@ class OnlineKD:
             self.total_epochs = int(total_epochs)
         self.epoch = float(epoch)
         self._refresh()
+        model = self._model() if self._model is not None else None
+        fusion = model._modules.get("fusion") if model is not None else None
+        if fusion is not None:
+            fusion.on_epoch(self.epoch, self.total_epochs)
 
     def set_step(self, step: int, steps_per_epoch: int, total_epochs: int | None = None) -> None:
         """Tell the loss the global optimisation step (from 0): epoch = ``step / steps_per_epoch``.
@@ -275,11 +287,15 @@ class OnlineKD:
             ce = next(ce_values) if ce_values is not None else cross_entropy(z, y)
             parts[f"ce/leaf{k}"] = ce
             ce_total = ce_total + ce
+        own = out.logits[0].new_zeros((), dtype=torch.float32)  # teachers weighted by ce_weights
         for name, z in targets.ce.items():
             ce = next(ce_values) if ce_values is not None else cross_entropy(z, y)
             parts[f"ce/{name}"] = ce
-            ce_total = ce_total + ce
-        total = self.ce_weight * ce_total
+            if name in self.ce_weights:
+                own = own + self.ce_weights[name] * ce
+            else:
+                ce_total = ce_total + ce
+        total = self.ce_weight * ce_total + own
         parts["loss/ce"] = total
         kd_total = out.logits[0].new_zeros((), dtype=torch.float32)
         for term in targets.kd:
@@ -341,6 +357,9 @@ class OnlineKD:
             parts[f"ext/leaf{k}"] = kl
             total = total + kl
         return self.teacher_weight * total
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_model": None}  # a weak reference does not pickle
 
     def __repr__(self) -> str:
         return (f"OnlineKD(temperature={self.temperature}, ce_weight={self.ce_weight}, kd_weight={self.kd_weight}, "

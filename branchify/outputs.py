@@ -85,6 +85,8 @@ class BranchedOutput:
             until :meth:`branchify.contract.LeafModel.aggregate` ran; empty without an aggregator).
         temporal: the temporal-mean (EMA) copy's leaf outputs on the same inputs, detached
             (:class:`branchify.temporal.TemporalMean`; ``None`` when the model has none).
+        hybrid: the hybrid-weight model's output on the same inputs, one leaf
+            (:class:`branchify.hybrid.WeightFusion`, OKDPH; ``None`` when the model has none).
     """
 
     logits: list[torch.Tensor]
@@ -94,6 +96,7 @@ class BranchedOutput:
     leaf_paths: list[tuple[int, ...]] = field(default_factory=list)
     targets: Targets | None = None
     temporal: "BranchedOutput | None" = None
+    hybrid: "BranchedOutput | None" = None
 
     @property
     def num_leaves(self) -> int:
@@ -140,4 +143,5 @@ def _register(cls: type, tensors: tuple[str, ...], context: tuple[str, ...]) -> 
 
 _register(KDTerm, ("teacher", "student", "teacher_log_weights"), ("name", "weight", "detach"))
 _register(Targets, ("kd", "ce"), ())
-_register(BranchedOutput, ("logits", "features", "feature_maps", "cuts", "targets", "temporal"), ("leaf_paths",))
+_register(BranchedOutput, ("logits", "features", "feature_maps", "cuts", "targets", "temporal", "hybrid"),
+          ("leaf_paths",))

@@ -11,6 +11,7 @@ from branchify.aggregators.compose import Compose
 from branchify.aggregators.feature_fusion import FeatureFusion
 from branchify.aggregators.gate import Gate
 from branchify.aggregators.hierarchical_ta import HierarchicalTA
+from branchify.aggregators.hybrid import HybridTeacher
 from branchify.aggregators.mean import Mean
 from branchify.aggregators.pairwise import Pairwise
 from branchify.aggregators.peer_attention import PeerAttention
@@ -19,5 +20,5 @@ from branchify.aggregators.peer_mean import PeerMean
 from branchify.aggregators.weighted_mean import WeightedMean, fit_ensemble_weights
 
 __all__ = ["AccuracyWeighted", "Aggregator", "AggregatorError", "Compose", "FeatureFusion", "Gate", "HierarchicalTA",
-           "KDTerm", "Mean", "Pairwise", "PeerAttention", "PeerMean", "PeerTemporalMean",
+           "HybridTeacher", "KDTerm", "Mean", "Pairwise", "PeerAttention", "PeerMean", "PeerTemporalMean",
            "Targets", "WeightedMean", "fit_ensemble_weights"]

@@ -21,6 +21,7 @@ ahbf     4 leaves, leaf m gets a*m blocks     HierarchicalTA      T=3, ramp over
 dml      "<input>": 2 whole networks          Pairwise (detached) T=1, no ramp
 kdcl     "<input>": 2 nets, own view each     Mean (detached)     T=4, (1-a) CE + a KD, a=0.5
 pcl      3 peers at the last stage, own views FeatureFusion + EMA  T=3, PCL's ramp, EMA deployed
+okdph    "<input>": 2 nets + weight hybrid    HybridTeacher       T=4, .8 CE + .8 KD, fuse/epoch
 ======== ==================================== =================== ==========================
 
 Without ``split=`` every preset cuts where :mod:`branchify.surgery.default_split` says - one rule
@@ -29,7 +30,7 @@ ResNet: ``layer3``, TSA ``["layer2", "layer3"]``; the 9th of 12 transformer laye
 ``model.split_reason`` and printed by ``describe()``.
 """
 from ..surgery.default_split import default_splits
-from . import ahbf, cl_ilr, dml, kdcl, okddip, one, pcl, tsa  # noqa: F401  (each registers its preset)
+from . import ahbf, cl_ilr, dml, kdcl, okddip, okdph, one, pcl, tsa  # noqa: F401  (each registers its preset)
 from .common import COMMON, ONE_RAMP
 from .registry import MethodError, Preset, available_methods, get_preset, method, nearest, register_method, resolve
 

@@ -83,7 +83,7 @@ def available_methods() -> list[str]:
 
     Example:
         >>> available_methods()
-        ['ahbf', 'cl_ilr', 'dml', 'kdcl', 'okddip', 'one', 'pcl', 'tsa', 'u_tsa']
+        ['ahbf', 'cl_ilr', 'dml', 'kdcl', 'okddip', 'okdph', 'one', 'pcl', 'tsa', 'u_tsa']
     """
     return sorted(_REGISTRY)
 

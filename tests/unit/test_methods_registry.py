@@ -15,7 +15,7 @@ def _build(name, model, **overrides):
 
 
 def test_registry_names_and_aliases():
-    assert available_methods() == ["ahbf", "cl_ilr", "dml", "kdcl", "okddip", "one", "pcl", "tsa", "u_tsa"]
+    assert available_methods() == ["ahbf", "cl_ilr", "dml", "kdcl", "okddip", "okdph", "one", "pcl", "tsa", "u_tsa"]
     assert get_preset("U-TSA").name == "u_tsa" and get_preset("CL-ILR").name == "cl_ilr"
     with pytest.raises(MethodError, match=r"available methods: \['ahbf'"):
         get_preset("kd")

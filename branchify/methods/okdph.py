@@ -1,0 +1,83 @@
+"""OKDPH (Zhang et al., CVPR 2023): students of one architecture, a hybrid-weight model mixed from
+their parameters every batch, fused back into them on a schedule.
+
+Defaults are the official code, ``tianlizhang/OKDPH@a562089``:
+
+- ``src/OKDPH.py`` lines 163-165: two ResNet-32s built as whole networks with the *same* init
+  (``--diff_init`` off: line 119-121 loads the first network's weights into the others) - here
+  ``split="<input>"``, ``branches=2``, ``init="copy"``.
+- lines 33-47 (``update_hwm``): every batch the hybrid is the mean of the students' state dicts
+  (``--hwm mean``, line 183; ``coefficients="dirichlet"`` draws Dirichlet(1, ..., 1) weights, the
+  code's other choice, whose ``np.random.dirichlet([[1, 1]])`` call cannot run as written);
+  line 46 *copies* the mixture into a separate network, so no gradient of the hybrid's loss
+  reaches the students (``hybrid_grad=False``; ``True`` is the paper's differentiable mixture).
+- lines 75-88: ``stable_out = mean(students' and hybrid's logits).detach()``; student ``j``
+  minimises ``omega * CE_j + (1 - omega) * CE(hybrid) + beta * T^2 * KL(stable_out || student_j)``
+  with ``--omega 0.8``, ``--beta 0.8``, ``--T 4.0`` (lines 180-185); the total here is the sum over
+  the students (each student's gradient is its own loss's), so the hybrid's CE weighs
+  ``N * (1 - omega)`` (:class:`~branchify.OnlineKD`'s ``ce_weights``), a constant unless
+  ``hybrid_grad``. No ramp.
+- lines 50-58, 101-103 and 137-141 (``fusion``): every ``--interval 1_epoch`` (line 184) each
+  student becomes ``gamma * hybrid + (1 - gamma) * student`` with ``--gamma 0.5`` (line 182); the
+  hybrid fused is the one built at the last batch, with the BatchNorm statistics its own forward
+  updated. ``src/OKDPH.sh`` tunes these per setting (CIFAR-100 ResNet-32: ``--omega 1.0 --beta 0.5
+  --gamma 1.0 --interval 5_batch``, line 18); pass them as overrides.
+
+Views: each student sees its own augmentation in the code and the hybrid another one (lines 72,
+196-203): that is the data pipeline's job here - pass ``views=`` (:mod:`branchify.views`; the
+hybrid takes view ``N``). Identical students (``init="copy"``) with no views stay identical, so
+building OKDPH that way warns; ``init="auto"`` starts them independently instead.
+
+Deployed: the target student (leaf 0); ``branchify.fusion.soup(model)`` or
+``model.fusion.model`` give the averaged / hybrid network (the code reports the best of all).
+"""
+from __future__ import annotations
+
+import warnings
+
+from ..aggregators import HybridTeacher
+from ..hybrid import WeightFusion
+from ..spec import INPUT, Spec
+from .common import COMMON, as_splits, branches, loss_kwargs
+from .registry import MethodError, Preset, register_method
+
+DEFAULTS = {**COMMON, "branches": 2, "init": "copy", "temperature": 4.0, "omega": 0.8, "beta": 0.8, "gamma": 0.5,
+            "coefficients": "mean", "fuse_every": "1_epoch", "hybrid_grad": False, "ce_weight": None,
+            "kd_weight": None}
+
+
+def okdph_loss(o: dict, n: int) -> dict:
+    """OnlineKD options: students' CE x ``omega``, hybrid's CE x ``N (1 - omega)``, KD x ``beta``."""
+    omega, beta = float(o["omega"]), float(o["beta"])
+    if not 0.0 <= omega <= 1.0:
+        raise MethodError(f"omega={omega} must be in [0, 1] (students' CE x omega, the hybrid's x (1 - omega))")
+    if beta < 0:
+        raise MethodError(f"beta={beta} must be >= 0 (the weight of the KD terms)")
+    kw = loss_kwargs(o)
+    kw["ce_weight"] = omega if o["ce_weight"] is None else o["ce_weight"]
+    kw["kd_weight"] = beta if o["kd_weight"] is None else o["kd_weight"]
+    kw["ce_weights"] = {"hybrid": n * (1.0 - omega)}
+    return kw
+
+
+def build(model, o):
+    splits = [INPUT] if o["split"] is None else as_splits(o, 1, model)
+    n = branches(o, 2)
+    spec = Spec(splits=splits, fanout=[n], target=o["target"], init=o["init"])
+    fusion = WeightFusion(o["coefficients"], grad=bool(o["hybrid_grad"]), gamma=o["gamma"],
+                          fuse_every=o["fuse_every"])  # validated before anything is built
+
+    def attach(branched) -> None:
+        fusion.attach(branched)
+        if branched.views is None and spec.init == "copy":
+            warnings.warn("OKDPH's students start identical (init='copy', the official code) and differ only by "
+                          "their inputs; without views= they stay identical. Pass views= (e.g. "
+                          "branchify.views.crop_flip()) or init='auto'", UserWarning, stacklevel=4)
+
+    o["_setup"] = [attach]
+    return spec, HybridTeacher(), okdph_loss(o, n)
+
+
+PRESET = register_method(Preset("okdph", "OKDPH: 2 whole networks + their hybrid-weight model (mean of the "
+                                         "weights) as a teacher, fused back every epoch, T = 4",
+                                DEFAULTS, build))
