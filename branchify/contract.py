@@ -139,7 +139,7 @@ class LeafModel(nn.Module, abc.ABC):
         if self.aggregator is None:
             return replace(out, targets=Targets())
         with no_autocast(out.logits[0].device):
-            targets = self.aggregator(_cast(out, self.aggregator.compute_dtype))
+            targets = self.aggregator(_cast(out, self.aggregator.dtype_for(out)))
         return replace(out, targets=targets)
 
     # ------------------------------------------------------------------ forward and deployment

@@ -192,6 +192,14 @@ class OnlineKD:
                                f"okd.set_step(...)), or pass ramp=None")
         return self.ramp(self.epoch, self.total_epochs)
 
+    def _match_ramp_tensor(self, logits: torch.Tensor) -> None:
+        """Keep the ramp tensor on the logits' device and in their dtype (at least float32), so a
+        float64 model's ramp weight is float64, not a float32 rounding of it."""
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        if self._ramp_tensor.device != logits.device or self._ramp_tensor.dtype != dtype:
+            value = 1.0 if self._ramp_value is None else self._ramp_value
+            self._ramp_tensor = torch.full((), value, dtype=dtype, device=logits.device)
+
     def _refresh(self) -> None:
         """Evaluate the ramp (in Python, outside any compiled graph) into the ramp tensor."""
         try:
@@ -271,8 +279,7 @@ class OnlineKD:
                              "branched model's forward, or model.aggregate(out) for an output built by hand")
         if not torch.compiler.is_compiling():
             check_labels(y, out.logits[0])
-            if self._ramp_tensor.device != out.logits[0].device:
-                self._ramp_tensor = self._ramp_tensor.to(out.logits[0].device)
+            self._match_ramp_tensor(out.logits[0])
         with no_autocast(out.logits[0].device):
             return self._loss(out, out.targets, y, inputs)
 

@@ -78,11 +78,29 @@ class Aggregator(nn.Module):
         return k
 
     @property
-    def compute_dtype(self) -> torch.dtype:
-        """The dtype inputs are cast to before :meth:`forward` (that of the parameters, else fp32)."""
+    def compute_dtype(self) -> torch.dtype | None:
+        """The dtype of the parameters, or ``None`` for a parameter-free aggregator (it computes in
+        the dtype of the outputs it is given: :meth:`dtype_for`)."""
         for p in self.parameters():
             return p.dtype
-        return torch.float32
+        return None
+
+    def dtype_for(self, out: BranchedOutput) -> torch.dtype:
+        """The dtype ``out`` is cast to before :meth:`forward`: the parameters' dtype, else the
+        logits' dtype widened to at least float32 - so a float64 model gets float64 teachers and
+        bf16/fp16 logits from autocast are still aggregated in float32.
+
+        Examples:
+            >>> from branchify.aggregators import Mean
+            >>> z = [torch.zeros(2, 3, dtype=torch.float64)] * 2
+            >>> Mean().dtype_for(BranchedOutput(z, [None] * 2, [None] * 2))
+            torch.float64
+        """
+        fixed = self.compute_dtype
+        if fixed is not None:
+            return fixed
+        dtype = out.logits[0].dtype
+        return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
     def forward(self, out: BranchedOutput) -> Targets:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must implement forward(out) -> Targets")
