@@ -52,8 +52,8 @@ def test_loss_and_gradients_equal_the_official_code_in_float64(one_thread, overr
     torch.testing.assert_close(got, ref, rtol=RTOL, atol=0)
     grads = torch.autograd.grad(got, out.logits, retain_graph=True)
     ref_grads = torch.autograd.grad(ref, out.logits)
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b, rtol=RTOL, atol=1e-12)
+    for a, b in zip(grads, ref_grads):  # relative to the gradient's scale, as tests/unit/test_authors_code.py
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=RTOL * float(b.abs().max()))
     # the hybrid the loss saw is the mean of the students' weights (update_hwm, lines 33-47)
     mixed = hybrid_state(leaf_states(bm), [1 / bm.num_leaves] * bm.num_leaves)
     torch.testing.assert_close(bm.fusion.model.fc.weight, mixed["fc.weight"], rtol=0, atol=0)
