@@ -10,7 +10,7 @@ from torch import nn
 
 from .contract import LeafModel, no_autocast
 from .functional import cross_entropy, kl_div_logits, kl_div_mixture, valid_mask
-from .outputs import BranchedOutput, KDTerm, Targets, classifier_logits
+from .outputs import BranchedOutput, KDTerm, Targets, classifier_logits, with_labels
 from .schedules import Constant, Schedule, as_schedule
 from .token_chunks import check_token_chunk, chunked_terms, count_distinct, resolve_chunk
 from .validation import check_labels
@@ -251,6 +251,9 @@ class OnlineKD:
         Examples:
             >>> term = model(x).targets.kd[0]; okd.term_loss(term)     # doctest: +SKIP
         """
+        if term.label_rule is not None:
+            raise ValueError(f"KD term {term.name!r}: its teacher depends on the labels ({term.label_rule!r}); "
+                             f"apply branchify.outputs.with_labels(targets, y) first, or use okd(out, y)")
         detach = self._detach_of(term)
         teacher = term.teacher.detach() if detach else term.teacher
         if term.is_mixture:
@@ -281,7 +284,7 @@ class OnlineKD:
             check_labels(y, out.logits[0])
             self._match_ramp_tensor(out.logits[0])
         with no_autocast(out.logits[0].device):
-            return self._loss(out, out.targets, y, inputs)
+            return self._loss(out, with_labels(out.targets, y), y, inputs)
 
     def _loss(self, out: BranchedOutput, targets: Targets, y: torch.Tensor, inputs: Any) -> LossOutput:
         parts: dict[str, torch.Tensor] = {}

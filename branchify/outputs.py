@@ -1,7 +1,7 @@
 """What a branched forward returns."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -26,6 +26,9 @@ class KDTerm:
             lets gradient flow into it, ``None`` follows the loss's default (detached).
         teacher_log_weights: optional log mixture weights, shape ``[K]`` or ``[K, B, ...]``
             (the teacher's shape without the class dim); must be normalised (logsumexp = 0).
+        label_rule: a teacher that depends on the labels, named (a key of :data:`LABEL_RULES`):
+            ``teacher`` then holds what the rule reads and the loss computes the teacher logits
+            with the batch's labels (:func:`with_labels`), e.g. ``"min_logit"`` (KDCL-MinLogit).
 
     Example:
         >>> z = torch.randn(4, 10)
@@ -40,6 +43,7 @@ class KDTerm:
     weight: float = 1.0
     detach: bool | None = None
     teacher_log_weights: torch.Tensor | None = None
+    label_rule: str | None = None
 
     @property
     def is_mixture(self) -> bool:
@@ -122,6 +126,45 @@ def classifier_logits(result: Any) -> torch.Tensor | None:
     return None
 
 
+def min_logit_teacher(stacked: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """KDCL-MinLogit's teacher from the students' logits ``[K, B, ..., C]``: per class, the minimum
+    over students of ``z_k[c] - z_k[y]`` (each student's logits shifted so the true class is 0).
+    Ignored positions (``y = -100``) read class 0; the loss masks them.
+
+    Examples:
+        >>> z = torch.tensor([[[2.0, 0.0, 1.0]], [[0.0, 1.0, 3.0]]])
+        >>> min_logit_teacher(z, torch.tensor([0])).tolist()
+        [[0.0, -2.0, -1.0]]
+    """
+    idx = y.clamp(min=0).unsqueeze(-1).unsqueeze(0).expand(*stacked.shape[:-1], 1)
+    return (stacked - stacked.gather(-1, idx)).min(dim=0).values
+
+
+LABEL_RULES = {"min_logit": min_logit_teacher}
+"""Teachers that need the labels: ``KDTerm.label_rule`` -> ``rule(term.teacher, y) -> teacher logits``."""
+
+
+def with_labels(targets: Targets, y: torch.Tensor) -> Targets:
+    """``targets`` with every label-dependent teacher (``KDTerm.label_rule``) computed from ``y``
+    (:class:`~branchify.OnlineKD` calls it; the others are returned as they are).
+
+    Examples:
+        >>> with_labels(Targets(), torch.tensor([0])).kd
+        []
+    """
+    if all(t.label_rule is None for t in targets.kd):
+        return targets
+    kd = []
+    for t in targets.kd:
+        if t.label_rule is not None:
+            if t.label_rule not in LABEL_RULES:
+                raise ValueError(f"KDTerm {t.name!r}: label_rule={t.label_rule!r} is unknown; "
+                                 f"known: {list(LABEL_RULES)}")
+            t = replace(t, teacher=LABEL_RULES[t.label_rule](t.teacher, y), label_rule=None)
+        kd.append(t)
+    return Targets(kd=kd, ce=targets.ce)
+
+
 # ---------------------------------------------------------------------- pytrees
 # The output types are registered as pytrees, so torch.export / torch.compile / vmap see the
 # tensors inside them (``torch.export.export(branched_model, (x,))`` returns a BranchedOutput).
@@ -141,7 +184,7 @@ def _register(cls: type, tensors: tuple[str, ...], context: tuple[str, ...]) -> 
                                 serialized_type_name=f"branchify.outputs.{cls.__name__}")
 
 
-_register(KDTerm, ("teacher", "student", "teacher_log_weights"), ("name", "weight", "detach"))
+_register(KDTerm, ("teacher", "student", "teacher_log_weights"), ("name", "weight", "detach", "label_rule"))
 _register(Targets, ("kd", "ce"), ())
 _register(BranchedOutput, ("logits", "features", "feature_maps", "cuts", "targets", "temporal", "hybrid"),
           ("leaf_paths",))

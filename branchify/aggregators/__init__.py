@@ -15,10 +15,10 @@ from branchify.aggregators.hybrid import HybridTeacher
 from branchify.aggregators.mean import Mean
 from branchify.aggregators.pairwise import Pairwise
 from branchify.aggregators.peer_attention import PeerAttention
-from branchify.aggregators.temporal_peers import PeerTemporalMean
 from branchify.aggregators.peer_mean import PeerMean
-from branchify.aggregators.weighted_mean import WeightedMean, fit_ensemble_weights
+from branchify.aggregators.temporal_peers import PeerTemporalMean
+from branchify.aggregators.weighted_mean import MinLogit, WeightedMean, fit_ensemble_weights
 
 __all__ = ["AccuracyWeighted", "Aggregator", "AggregatorError", "Compose", "FeatureFusion", "Gate", "HierarchicalTA",
-           "HybridTeacher", "KDTerm", "Mean", "Pairwise", "PeerAttention", "PeerMean", "PeerTemporalMean",
+           "HybridTeacher", "KDTerm", "Mean", "MinLogit", "Pairwise", "PeerAttention", "PeerMean", "PeerTemporalMean",
            "Targets", "WeightedMean", "fit_ensemble_weights"]

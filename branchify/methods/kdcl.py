@@ -17,7 +17,8 @@ architectures: build a :class:`~branchify.Cohort` and pass the aggregator to ``O
 Aggregator: ``ensemble="mean"`` (default, KDCL-Naive as both codes) -
 :class:`~branchify.aggregators.Mean` (detached); ``ensemble="linear"`` (KDCL-Linear) -
 :class:`~branchify.aggregators.WeightedMean` with ``weights`` (fit them on held-out logits with
-:func:`~branchify.aggregators.fit_ensemble_weights`). Loss: ``(1 - alpha) CE + alpha T^2 KL``,
+:func:`~branchify.aggregators.fit_ensemble_weights`); ``ensemble="min_logit"`` (KDCL-MinLogit, the
+paper's form, no public code) - :class:`~branchify.aggregators.MinLogit`. Loss: ``(1 - alpha) CE + alpha T^2 KL``,
 ``alpha = 0.5``, T = 4, no ramp.
 
 Views: each network sees its own distortion in both codes. That is the data pipeline's job here:
@@ -28,7 +29,7 @@ trained with the same augmentation (docs/methods/kdcl.md).
 """
 from __future__ import annotations
 
-from ..aggregators import Mean, WeightedMean
+from ..aggregators import Mean, MinLogit, WeightedMean
 from ..spec import INPUT, Spec
 from .common import COMMON, as_splits, branches, choice, loss_kwargs
 from .registry import MethodError, Preset, register_method
@@ -36,7 +37,8 @@ from .registry import MethodError, Preset, register_method
 DEFAULTS = {**COMMON, "branches": 2, "temperature": 4.0, "alpha": 0.5, "ce_weight": None, "kd_weight": None,
             "ensemble": "mean", "weights": None}
 ENSEMBLES = {"mean": "KDCL-Naive: mean of the networks' logits (both re-implementations)",
-           "linear": "KDCL-Linear: weighted sum of the logits with weights=[...] (fit_ensemble_weights)"}
+           "linear": "KDCL-Linear: weighted sum of the logits with weights=[...] (fit_ensemble_weights)",
+           "min_logit": "KDCL-MinLogit: per class the minimum of z_k[c] - z_k[y] (the paper; needs the labels)"}
 
 
 def alpha_loss(o: dict) -> dict:
@@ -54,10 +56,11 @@ def build(model, o):
     splits = [INPUT] if o["split"] is None else as_splits(o, 1, model)
     k = branches(o, 2)
     spec = Spec(splits=splits, fanout=[k], target=o["target"], init=o["init"])
-    if choice(o, "ensemble", ENSEMBLES) == "mean":
+    kind = choice(o, "ensemble", ENSEMBLES)
+    if kind != "linear":
         if o["weights"] is not None:
-            raise MethodError("weights= is for ensemble='linear'; ensemble='mean' weighs every network equally")
-        teacher = Mean()
+            raise MethodError(f"weights= is for ensemble='linear'; ensemble={kind!r} takes none")
+        teacher = Mean() if kind == "mean" else MinLogit()
     else:
         if o["weights"] is None or len(o["weights"]) != k:
             raise MethodError(f"ensemble='linear' needs weights=[...] with one weight per network ({k}); fit them "

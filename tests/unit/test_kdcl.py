@@ -6,22 +6,27 @@ import torch
 import torch.nn.functional as F
 
 import branchify as bf
-from branchify.aggregators import Mean, WeightedMean, fit_ensemble_weights
+from branchify.aggregators import Mean, MinLogit, WeightedMean, fit_ensemble_weights
 from branchify.methods import MethodError
+from branchify.outputs import with_labels
 from branchify.recipes.zoo import resnet20
 from branchify.views import stacked
 
 RTOL = 1e-5
 
 
-def kdcl_reference(out, y, T=4.0, alpha=0.5, weights=None):
+def kdcl_reference(out, y, T=4.0, alpha=0.5, weights=None, min_logit=False):
     """``tianlizhang/OKDPH@a562089`` ``src/03_KDCL.py`` lines 44-54 (= ``shaoeric/Online-Knowledge-Distillation-
     via-Collaborative-Learning@1ba5461`` ``train.py`` lines 74-85): ``stable_out = mean(out_list).detach()``;
     per network ``(1 - alpha) * F.cross_entropy + alpha * T^2 * F.kl_div(log_softmax(out/T), softmax(stable/T),
-    'batchmean')``; each network steps on its own loss, so the total is their sum. ``weights``: KDCL-Linear."""
+    'batchmean')``; each network steps on its own loss, so the total is their sum. ``weights``: KDCL-Linear;
+    ``min_logit``: the paper's KDCL-MinLogit, ``stable[c] = min_k (z_k[c] - z_k[y])`` (no public code)."""
     z = torch.stack(list(out.logits))
     w = torch.full((len(z),), 1.0 / len(z), dtype=z.dtype) if weights is None else torch.tensor(weights, dtype=z.dtype)
     stable = (w.view(-1, 1, 1) * z).sum(0).detach()
+    if min_logit:
+        rows = torch.arange(len(y))
+        stable = torch.stack([zk - zk[rows, y][:, None] for zk in z]).min(0).values.detach()
     total = 0
     for zk in out.logits:
         ce = F.cross_entropy(zk, y)
@@ -77,6 +82,21 @@ def test_linear_ensemble_equals_the_weighted_reference(tiny_resnet, one_thread):
            weights=[0.75, 0.25])
 
 
+def test_min_logit_ensemble_equals_the_papers_formula(tiny_resnet, one_thread):
+    torch.manual_seed(0)
+    model, okd = bf.method("kdcl", tiny_resnet(num_classes=5), ensemble="min_logit", branches=3)
+    assert isinstance(model.aggregator, MinLogit)
+    model.double().train()
+    x, y = torch.randn(6, 3, 16, 16, dtype=torch.float64), torch.randint(0, 5, (6,))
+    _check(model, okd, x, y, min_logit=True)
+    term = model(x).targets.kd[0]
+    with pytest.raises(ValueError, match="depends on the labels"):
+        okd.term_loss(term)
+    teacher = with_labels(model(x).targets, y).kd[0].teacher
+    assert torch.equal(teacher.gather(1, y[:, None]), torch.zeros(6, 1, dtype=torch.float64))
+    assert bool((teacher <= 0).all())  # the true class on top, by the most cautious margin
+
+
 def test_fitted_weights_lower_the_held_out_ce():
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 4, (64,), generator=g)
@@ -91,7 +111,7 @@ def test_fitted_weights_lower_the_held_out_ce():
 def test_bad_options_are_explained(tiny_resnet):
     with pytest.raises(MethodError, match="needs weights"):
         bf.method("kdcl", tiny_resnet(num_classes=5), ensemble="linear")
-    with pytest.raises(MethodError, match="ensemble='mean' weighs"):
+    with pytest.raises(MethodError, match="ensemble='mean' takes none"):
         bf.method("kdcl", tiny_resnet(num_classes=5), weights=[1, 1])
     with pytest.raises(MethodError, match="'mean'"):
         bf.method("kdcl", tiny_resnet(num_classes=5), ensemble="min")
