@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from branchify.distributed.env import DistributedError
+from branchify.distributed.env import DistributedError, tensor_fingerprint
 from branchify.functional import kl_div_logits
 from branchify.outputs import BranchedOutput
 
@@ -213,12 +213,17 @@ class CodistillPeer:
         self.peer_logits: dict[int, torch.Tensor] = {}
         self.live: list[int] = []
 
-    def snapshot(self, shared_logits: torch.Tensor | None = None) -> dict[str, Any]:
-        """This group's payload: CPU copies of its weights, or the top-k of ``shared_logits``."""
+    def snapshot(self, shared_logits: torch.Tensor | None = None,
+                 shared_x: torch.Tensor | None = None) -> dict[str, Any]:
+        """This group's payload: CPU copies of its weights, or the top-k of ``shared_logits`` (with a
+        bitwise fingerprint of ``shared_x``, the images they are for, checked by the receivers)."""
         if self.options.exchange == "logits":
             if shared_logits is None:
                 raise CodistillError("exchange='logits' publishes the logits of the shared micro-batch; pass them")
-            return {"logits": topk_pack(shared_logits, self.options.topk)}
+            pack = topk_pack(shared_logits, self.options.topk)
+            if shared_x is not None:
+                pack["inputs"] = tensor_fingerprint(shared_x).cpu().reshape(1)
+            return {"logits": pack}
         return {"weights": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}}
 
     def absorb(self, payloads: dict[int, dict[str, Any]]) -> None:
@@ -244,6 +249,14 @@ class CodistillPeer:
     def teacher_logits(self, x: torch.Tensor, num_classes: int) -> list[torch.Tensor]:
         """Every live teacher's logits for ``x`` (weights mode) or the shared batch (logits mode)."""
         if self.options.exchange == "logits":
+            mine = tensor_fingerprint(x).cpu().reshape(1)
+            for g in self.live:
+                theirs = self.peer_logits[g].get("inputs")
+                if theirs is not None and not torch.equal(theirs, mine):
+                    raise CodistillError(f"group {g}'s logits are for other images than this rank's shared "
+                                         f"micro-batch; every group must draw the same shared batches (same data, "
+                                         f"seed and shared_batch) and each data-parallel rank must exchange with "
+                                         f"the same rank of the other groups")
             return [topk_unpack(self.peer_logits[g], num_classes).to(x.device) for g in self.live]
         return [self.teachers[g](x).float() for g in self.live]
 

@@ -10,7 +10,7 @@ blocked inside ``all_gather`` until the process-group timeout, after which gloo 
 process groups cannot be used again, and ``torchrun`` tears down *all* workers of a job when
 one dies. :class:`FileTransport` instead gives each group its own ``torchrun`` job and process
 group (DDP stays inside it); a group writes its snapshot with ``torch.save`` into a temporary
-file renamed over ``exchange/g<group>-<step>.pt`` (``os.replace``: readers see a whole file or
+file renamed over ``exchange/g<group>r<rank>-<step>.pt`` (``os.replace``: readers see a whole file or
 none), and a reader waits at most ``wait_s`` for the step it wants - so a survivor is delayed
 by at most ``wait_s`` once per failure, never deadlocked. A lagging peer's newest snapshot is
 used while it is at most ``max_stale`` exchanges old (weights mode); older, or missing, the peer
@@ -86,16 +86,19 @@ class _LocalChannel(_Counting):
 
 class CollectiveTransport(_Counting):
     """``all_gather_object`` over the cross-group process group (the ``"group"`` dimension of a
-    2-D ``DeviceMesh``); only data-parallel rank 0 exchanges, then broadcasts inside its group.
+    2-D ``DeviceMesh``). Weights: only data-parallel rank 0 exchanges (every rank of a group
+    holds the same weights), then broadcasts inside its group; ``per_rank=True`` (logits of each
+    rank's slice of the shared micro-batch): every rank exchanges with the same rank of the
+    other groups, its own cross-group process group.
 
     Fast and exact, but not fault tolerant: every group must reach every exchange (see the
     module docstring; use :class:`FileTransport` when groups may die).
     """
 
-    def __init__(self, group: int, cross_group: Any, dp_group: Any, on_event: Callable[[str], None] | None = None
-                 ) -> None:
+    def __init__(self, group: int, cross_group: Any, dp_group: Any, on_event: Callable[[str], None] | None = None,
+                 per_rank: bool = False) -> None:
         super().__init__(group, on_event)
-        self.cross, self.dp = cross_group, dp_group
+        self.cross, self.dp, self.per_rank = cross_group, dp_group, per_rank
         self.dp_rank = dist.get_rank(dp_group)
         self.pending: Any = None
 
@@ -104,20 +107,21 @@ class CollectiveTransport(_Counting):
 
     def collect(self, step: int) -> dict[int, Any]:
         box: list[Any] = [None]
-        if self.dp_rank == 0:
+        if self.dp_rank == 0 or self.per_rank:
             everyone: list[Any] = [None] * dist.get_world_size(self.cross)
             dist.all_gather_object(everyone, self.pending, group=self.cross)
             box = [{g: p for g, (s, p) in enumerate(everyone) if g != self.group and s == step}]
             self.sent += payload_bytes(self.pending[1]) * (len(everyone) - 1)
-        dist.broadcast_object_list(box, src=dist.get_global_rank(self.dp, 0), group=self.dp)
+        if not self.per_rank:
+            dist.broadcast_object_list(box, src=dist.get_global_rank(self.dp, 0), group=self.dp)
         got = box[0]
-        if self.dp_rank == 0:
+        if self.dp_rank == 0 or self.per_rank:
             self.received += sum(payload_bytes(p) for p in got.values())
         self._report(got, step, {})
         return got
 
 
-_NAME = re.compile(r"^g(\d+)-(\d+)\.pt$")
+_NAME = re.compile(r"^g(\d+)r(\d+)-(\d+)\.pt$")
 
 
 class FileTransport(_Counting):
@@ -126,6 +130,9 @@ class FileTransport(_Counting):
     Args:
         directory: the run's ``exchange/`` folder (shared by all groups).
         group: this group; ``writer``: whether this rank writes (data-parallel rank 0).
+        channel: the data-parallel rank whose snapshots this rank writes and reads: 0 for
+            weights (one copy per group), each rank's own for logits of its micro-batch slice.
+            Files are ``g<group>r<channel>-<step>.pt``.
         options: :class:`~branchify.distributed.codistill.CodistillOptions` (groups, K,
             ``max_stale``, ``wait_s``, exchange mode).
         fingerprint: this run's config fingerprint; a peer snapshot with another one is an error.
@@ -133,8 +140,10 @@ class FileTransport(_Counting):
     """
 
     def __init__(self, directory: str | Path, group: int, options: CodistillOptions, *, writer: bool = True,
-                 fingerprint: str = "", on_event: Callable[[str], None] | None = None, keep: int = 3) -> None:
+                 fingerprint: str = "", on_event: Callable[[str], None] | None = None, keep: int = 3,
+                 channel: int = 0) -> None:
         super().__init__(group, on_event)
+        self.channel = channel
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.options, self.writer, self.fingerprint, self.keep = options, writer, fingerprint, keep
@@ -142,16 +151,16 @@ class FileTransport(_Counting):
 
     def _steps(self, g: int) -> list[int]:
         found = []
-        for p in self.dir.glob(f"g{g}-*.pt"):
+        for p in self.dir.glob(f"g{g}r{self.channel}-*.pt"):
             m = _NAME.match(p.name)
-            if m and int(m.group(1)) == g:
-                found.append(int(m.group(2)))
+            if m and int(m.group(1)) == g and int(m.group(2)) == self.channel:
+                found.append(int(m.group(3)))
         return sorted(found)
 
     def publish(self, step: int, payload: Any, final: bool = False) -> None:
         if not self.writer:
             return
-        path = self.dir / f"g{self.group}-{step}.pt"
+        path = self._path(self.group, step)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         with open(tmp, "wb") as f:  # a whole file or none: written aside, then renamed over
             torch.save({"step": step, "final": final, "fingerprint": self.fingerprint, "payload": payload}, f)
@@ -160,17 +169,20 @@ class FileTransport(_Counting):
         os.replace(tmp, path)
         self.sent += payload_bytes(payload)  # written once; each peer reads it (counted as received)
         for old in self._steps(self.group)[:-self.keep]:
-            (self.dir / f"g{self.group}-{old}.pt").unlink(missing_ok=True)
+            self._path(self.group, old).unlink(missing_ok=True)
+
+    def _path(self, g: int, step: int) -> Path:
+        return self.dir / f"g{g}r{self.channel}-{step}.pt"
 
     def _read(self, g: int, step: int) -> dict[str, Any] | None:
         try:
-            snap = torch.load(self.dir / f"g{g}-{step}.pt", weights_only=True)
+            snap = torch.load(self._path(g, step), weights_only=True)
         except (FileNotFoundError, RuntimeError, EOFError):
             return None  # deleted by its writer meanwhile: the caller looks again
         if snap.get("fingerprint") != self.fingerprint:
             from branchify.distributed.codistill import CodistillError
 
-            raise CodistillError(f"group {g}'s snapshot {self.dir}/g{g}-{step}.pt comes from a different config "
+            raise CodistillError(f"group {g}'s snapshot {self._path(g, step)} comes from a different config "
                                  f"(fingerprint {snap.get('fingerprint')} vs {self.fingerprint}); every group of "
                                  f"a run must be started from the same run directory and flags")
         return snap

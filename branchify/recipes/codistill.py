@@ -211,7 +211,7 @@ def _epoch(cfg: RunConfig, options: CodistillOptions, net: nn.Module, peer: Codi
             if shared_iter is None:
                 ctx.transport.publish(step, peer.snapshot())
             else:
-                ctx.transport.publish(step, peer.snapshot(kd_logits))
+                ctx.transport.publish(step, peer.snapshot(kd_logits, kd_x))
             peer.absorb(ctx.transport.collect(step))
         if shared_iter is None:
             logits = net(xs)

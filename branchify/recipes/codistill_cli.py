@@ -167,7 +167,8 @@ def _worker(plan: RunPlan, out: Path, resume: bool, via: str, group: int | None,
             if os.environ.get(READY) != "1":  # started by torchrun directly, not by the launcher
                 ddp.on_main(lambda: prepare(out, plan, resume, joining=False))
             dp = mesh["dp"].get_group()
-            transport: Any = CollectiveTransport(group, mesh["group"].get_group(), dp)
+            transport: Any = CollectiveTransport(group, mesh["group"].get_group(), dp,
+                                                 per_rank=options.exchange == "logits")
         else:
             if group is None:
                 raise CodistillError("via=files runs one torchrun job per group: pass --group g")
@@ -177,8 +178,9 @@ def _worker(plan: RunPlan, out: Path, resume: bool, via: str, group: int | None,
             if rank == 0 and os.environ.get(READY) != "1":
                 prepare(out, plan, resume, joining=True)
             ddp.barrier()
-            transport = FileTransport(out / "exchange", group, options, writer=rank == 0,
-                                      fingerprint=fingerprint(cfg))
+            per_rank = options.exchange == "logits"  # each rank's slice of the shared micro-batch
+            transport = FileTransport(out / "exchange", group, options, writer=rank == 0 or per_rank,
+                                      fingerprint=fingerprint(cfg), channel=rank if per_rank else 0)
         main_rank = torch.distributed.get_rank(dp) == 0
 
         def say(line: str) -> None:
@@ -224,10 +226,10 @@ def write_summary(out: Path, plan: RunPlan, say=print) -> dict[str, Any] | None:
             n += len(y)
     ensemble = correct / n * 100
     rows = [f"| group {r['group']} ({r['model']}) | {r.get('target_acc', float('nan')):.2f} | "
-            f"{r['history'][-1]['bytes/cross_group_received'] / 1e6:.3f} | "
-            f"{r['allreduce']['ring_bytes_per_rank'] * r['epochs'] * r['steps_per_epoch'] / 1e6:.3f} |"
+            f"{r['history'][-1]['bytes/cross_group_received']:,} | "
+            f"{r['allreduce']['ring_bytes_per_rank'] * r['epochs'] * r['steps_per_epoch']:,.0f} |"
             for r in groups]
-    table = "\n".join(["| model | accuracy (%) | cross-group MB received | in-group all-reduce MB per rank |",
+    table = "\n".join(["| model | accuracy (%) | cross-group bytes received | in-group all-reduce bytes per rank |",
                        "|---|---|---|---|", *rows, f"| ensemble (mean softmax) | {ensemble:.2f} | | |"])
     header = (f"codistillation: {options.groups} groups, exchange={options.exchange} every {options.exchange_every} "
               f"steps, {cfg.dataset}, {cfg.epochs} epochs, seed {cfg.seed}")

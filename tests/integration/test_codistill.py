@@ -50,14 +50,20 @@ def _events(out: Path) -> list[str]:
     return [r["message"] for r in lines if r.get("event") == "codistill"]
 
 
-def _reference(cfg: RunConfig, kd: bool) -> list[dict[str, torch.Tensor]]:
+def _reference(cfg: RunConfig, kd: bool, shared_batch: int | None = None) -> list[dict[str, torch.Tensor]]:
     """Two models in one process: each step both see their own whole batch, each distils from the
-    other's logits on it (computed before either updates), SGD as the recipe builds it."""
-    from branchify.recipes.codistill import group_seed
+    other's logits on it (computed before either updates), SGD as the recipe builds it. With
+    ``shared_batch`` (logits mode) each distils on the shared micro-batch instead."""
+    from branchify.distributed.codistill import CodistillOptions
+    from branchify.recipes.codistill import _shared_loader, group_seed
     from branchify.recipes.train import _loaders, _lr_lambda
     from branchify.recipes.zoo import build_model
 
     train_loader, _, meta = _loaders(cfg, torch.device("cpu"))
+    shared = None
+    if shared_batch is not None:
+        options = CodistillOptions(groups=2, exchange="logits", shared_batch=shared_batch)
+        shared = _shared_loader(train_loader, options, cfg.seed)
     loaders, nets, opts, scheds = [], [], [], []
     for g in range(2):
         loader = copy.copy(train_loader)
@@ -70,17 +76,20 @@ def _reference(cfg: RunConfig, kd: bool) -> list[dict[str, torch.Tensor]]:
         nets.append(net), opts.append(opt)
         scheds.append(torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, len(train_loader))))
     for epoch in range(cfg.epochs):
-        for loader in loaders:
+        for loader in loaders + ([shared] if shared is not None else []):
             loader.set_epoch(epoch)
+        shared_iter = iter(shared) if shared is not None else None
         for batches in zip(*loaders):
+            sx = next(shared_iter)[0] if shared_iter is not None else None
             with torch.no_grad():
-                teacher = [nets[1 - g](batches[g][0]) for g in range(2)]
+                teacher = [nets[1 - g](batches[g][0] if sx is None else sx) for g in range(2)]
             losses = []
             for g, (x, y) in enumerate(batches):
                 z = nets[g](x)
+                zs = z if sx is None else nets[g](sx)
                 loss = F.cross_entropy(z, y)
                 if kd:
-                    loss = loss + F.kl_div(F.log_softmax(z, -1), F.log_softmax(teacher[g], -1), log_target=True,
+                    loss = loss + F.kl_div(F.log_softmax(zs, -1), F.log_softmax(teacher[g], -1), log_target=True,
                                            reduction="batchmean")
                 losses.append(loss)
             for g in range(2):
@@ -116,6 +125,32 @@ def test_two_groups_of_two_gloo_ranks_at_k1_equal_two_models_distilling_in_one_p
     assert "ensemble (mean softmax)" in (out / "summary.md").read_text()
     assert any("all 2 groups finished" in e for e in _events(out))
     print(f"codistill K=1 2x2 gloo run: {seconds:.1f} s")
+
+
+def test_logits_mode_through_files_2x2_equals_two_models_distilling_on_the_shared_batches(tmp_path):
+    out = tmp_path / "logits"
+    argv = [*FLAGS, "--codistill", "2", "--epochs", "2", "--set", "method_args.exchange=logits",
+            "--set", "method_args.shared_batch=4", "--out", str(out)]
+    fork = mp.get_context("fork")
+    procs = []
+    for g in range(2):  # two 2-rank jobs, one per group: each rank exchanges its slice of the shared batch
+        port = free_port()
+        procs += [fork.Process(target=_as_rank, args=(r, 2, port, [*argv, "--group", str(g)])) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * 4
+    cfg = RunConfig.from_dict(json.loads((out / "run.json").read_text())["config"])
+    want, plain = _reference(cfg, kd=True, shared_batch=4), _reference(cfg, kd=False)
+    for g in range(2):
+        got = load_file(out / "exported" / f"group{g}" / "model.safetensors")
+        for k in got:
+            torch.testing.assert_close(got[k], want[g][k], atol=2e-6, rtol=0, msg=f"group {g}: {k}")
+        assert max((want[g][k] - plain[g][k]).abs().max().item() for k in got if k in plain[g]) > 1e-5
+    history = json.loads((out / "results.json").read_text())["groups"][0]["history"]
+    per_step = 2 * (10 * 4 + 10 * 8 + 4) + 8  # rank 0's 2 images: values, int64 indices, lse; the fingerprint
+    assert history[-1]["bytes/cross_group_received"] == 6 * per_step  # 2 epochs x 3 steps
 
 
 def _group(group: int, argv: list[str]) -> mp.Process:

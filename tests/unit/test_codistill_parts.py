@@ -66,7 +66,7 @@ def test_logits_mode_distils_on_the_shared_micro_batch_from_the_peers_top_k():
     opts = CodistillOptions(groups=2, exchange="logits", topk=None)
     peers = _peers(opts)
     shared = torch.randn(4, 5, dtype=torch.float64)
-    snaps = {g: p.snapshot(p.model(shared)) for g, p in enumerate(peers)}
+    snaps = {g: p.snapshot(p.model(shared), shared) for g, p in enumerate(peers)}
     peers[0].absorb({1: snaps[1]})
     x, y = torch.randn(3, 5, dtype=torch.float64), torch.tensor([0, 1, 2])
     zs = peers[0].model(shared)
@@ -78,7 +78,7 @@ def test_logits_mode_distils_on_the_shared_micro_batch_from_the_peers_top_k():
 
 def _snap(path: Path, group: int, step: int, fp: str = "f", final: bool = False) -> None:
     torch.save({"step": step, "final": final, "fingerprint": fp, "payload": {"weights": {"w": torch.ones(2)}}},
-               path / f"g{group}-{step}.pt")
+               path / f"g{group}r0-{step}.pt")
 
 
 def test_file_transport_teacher_set_follows_staleness(tmp_path):
@@ -94,7 +94,7 @@ def test_file_transport_teacher_set_follows_staleness(tmp_path):
     _snap(tmp_path, 2, 50, final=True)       # a finished peer: its final weights teach at once
     _snap(tmp_path, 1, 50)
     assert sorted(t.collect(50)) == [1, 2] and "(re)joins" in lines[-1]
-    (tmp_path / "g1-99.pt").write_bytes(b"")  # another writer's torn file is never read as a snapshot
+    (tmp_path / "g1r0-99.pt").write_bytes(b"")  # another writer's torn file is never read as a snapshot
     _snap(tmp_path, 2, 60, fp="other")
     with pytest.raises(CodistillError, match="different config"):
         t.collect(60)
@@ -148,3 +148,12 @@ def test_groups_may_hold_different_architectures_only_logits_cross():
     torch.testing.assert_close(peers[0].teacher_logits(x, 4)[0], nets[1](x).detach())
     with pytest.raises(CodistillError, match="group 1's weights do not fit the Sequential group 0 built"):
         peers[0].absorb({1: peers[0].snapshot()})
+
+
+def test_logits_for_other_images_than_the_shared_batch_are_refused():
+    peers = _peers(CodistillOptions(groups=2, exchange="logits"))
+    shared = torch.randn(4, 5, dtype=torch.float64)
+    peers[0].absorb({1: peers[1].snapshot(peers[1].model(shared), shared)})
+    other = shared.flip(0)
+    with pytest.raises(CodistillError, match="group 1's logits are for other images"):
+        peers[0].loss(peers[0].model(other), torch.zeros(4, dtype=torch.long), other, peers[0].model(other))
