@@ -48,9 +48,11 @@ class Spec:
             first split means no trunk: every leaf is a whole network.
         fanout: children of each node, one entry per level: an int (every node of that
             level gets that many) or a list with one count per node of the level.
-        deepen: container path -> extra blocks per leaf (one int per leaf, AHBF). Positive
-            appends fresh copies of the container's last block; negative removes trailing
-            shape-preserving blocks.
+        deepen: module path -> extra blocks per leaf (one int per leaf, AHBF). The path names a
+            container (``nn.Sequential`` / ``nn.ModuleList``): positive appends fresh copies of
+            its last block, negative removes trailing shape-preserving blocks; or a block inside
+            one: its copies go right after it (later children move back; see
+            :mod:`branchify.surgery.deepen`).
         target: the leaf that is deployed by ``export()`` (default 0).
         init: how replicas are initialised: ``"auto"`` (best available: ``model_fn`` donor,
             HF ``_init_weights``, else ``"shuffle"``), ``"donor"``, ``"hf"``, ``"shuffle"``

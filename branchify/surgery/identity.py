@@ -7,8 +7,9 @@ that makes the block the identity is used (each is undone if it does not):
 1. the block's own ``zero_init_last()`` (timm's residual blocks have one);
 2. its layer-scale parameters at 0 (``gamma``, ``layer_scale``, ``ls.gamma``, ``lambda1``: the
    per-channel scale at the end of a ConvNeXt / CaiT / DINOv2 branch);
-3. the scale of its last normalisation layer at 0 (the "zero-init residual" of Goyal et al.
-   2017: the last BatchNorm of a ResNet / MobileNet block, which keeps its shift at 0);
+3. the scale of its last normalisation layer at 0, when no projection is registered after it
+   (the "zero-init residual" of Goyal et al. 2017: the last BatchNorm of a ResNet / MobileNet
+   block, which keeps its shift at 0);
 4. the last projection of each residual branch at 0, branch by branch from the block's end: the
    attention output and the MLP down projection of a transformer layer (weight and bias), or -
    where a normalisation layer reads that projection's output directly (conv + BatchNorm) - that
@@ -132,10 +133,13 @@ def _layer_scales(block: nn.Module, call: Call | None) -> str | None:
 
 
 def _last_norm_scale(block: nn.Module, call: Call | None) -> str | None:
-    norms = [(n, m) for n, m in block.named_modules() if isinstance(m, _NORMS) and getattr(m, "weight", None) is not None]
-    if not norms:
-        return None
-    name, norm = norms[-1]
+    mods = list(block.named_modules())
+    norms = [i for i, (_, m) in enumerate(mods) if isinstance(m, _NORMS) and getattr(m, "weight", None) is not None]
+    projections = [i for i, (_, m) in enumerate(mods)
+                   if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2]
+    if not norms or (projections and projections[-1] > norms[-1]):
+        return None  # no norm closes the block (a ConvNeXt's LayerNorm comes before its MLP)
+    name, norm = mods[norms[-1]]
     _zero(norm.weight.data)
     return f"the scale of its last normalisation layer {name!r} at 0"
 

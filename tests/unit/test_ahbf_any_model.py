@@ -86,6 +86,18 @@ CASES = {
 }
 
 
+# what each family's copies zero to start as the identity (the last projection of each branch)
+ZEROED = {
+    "vit": ["mlp.3.weight/bias", "self_attention.out_proj.weight/bias"],
+    "swin": ["mlp.3.weight/bias", "attn.proj.weight/bias"],
+    "convnext": ["layer_scale"],
+    "mobilenet_v3_small": ["'block.3.1'"],
+    "bert": ["output.dense.weight/bias", "attention.output.dense.weight/bias"],
+    "hf_vit": ["mlp.fc2.weight/bias", "attention.o_proj.weight/bias"],
+    "llama": ["mlp.down_proj.weight", "self_attn.o_proj.weight"],
+}
+
+
 def _inputs(name: str):
     if name in ("bert", "hf_vit"):
         batch, y = _hf("bert" if name == "bert" else "vit")
@@ -105,6 +117,7 @@ def test_ahbf_defaults_deepen_the_last_residual_block_as_the_identity(name):
     (key, counts), = bm.spec.deepen.items()
     assert counts == [0, aux, 2 * aux, 3 * aux]
     assert bm.deepened[key]["block"] == block
+    assert all(z in bm.deepened[key]["start"] for z in ZEROED[name]), bm.deepened[key]["start"]
     args, kwargs, y = _inputs(name)
     twins, _ = _method(net, init="copy")  # every replica a copy of leaf 0: only the deepening differs
     assert twins.spec.deepen == bm.spec.deepen
@@ -183,3 +196,21 @@ def test_standard_init_deepens_a_non_residual_stack():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(bm.export(2).eval()(x), bm.eval()(x).logits[2], rtol=1e-5, atol=1e-6)
+
+
+def test_explicit_container_and_block_keys_still_work():
+    from branchify.recipes.zoo.resnet import resnet20
+    torch.manual_seed(0)
+    bm, _ = _method(resnet20(num_classes=5), deepen_container="layer2", aux=1, split="layer2")
+    assert bm.spec.deepen == {"layer2": [0, 1, 2, 3]} and bm.deepened["layer2"]["block"] == "layer2.2"
+    # a block key: copies go right after the block, the container's later children move back
+    net = _tv("mobilenet_v3_small").eval()
+    bm = bf.branchify(net, bf.Spec(splits=["features.9"], fanout=[2], deepen={"features.11": [0, 2]}))
+    deep = bm.export(1).eval()
+    assert [type(m).__name__ for m in deep.features[11:]] == ["InvertedResidual"] * 3 + ["Conv2dNormActivation"]
+    assert torch.equal(deep.features[14][0].weight, bm.segments["b1"].get_submodule("features.14.0").weight)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(deep(x), bm.eval()(x).logits[1], rtol=0, atol=0)
+    with pytest.raises(bf.SpecError, match="inside a MobileNetV3"):
+        bf.branchify(net, bf.Spec(splits=["features.9"], fanout=[2], deepen={"avgpool": [0, 1]}))
