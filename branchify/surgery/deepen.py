@@ -104,8 +104,8 @@ def prepare_deepen(model: nn.Module, deepen: dict[str, list[int]], tracer: fx.Tr
         t.call = calls.get(t.block)
         if any(e > 0 for e in extra) and not _keeps_shape(model, t.block, t.call):
             raise SpecError(f"deepen on {key!r}: its block {t.block} ({type(model.get_submodule(t.block)).__name__}) "
-                            f"returns an output of another shape than its input"
-                            f"{_shapes(t.call)}, so copies of it cannot follow it. Choose a "
+                            f"does not keep the shape of its input{_shapes(t.call)}, so copies of it "
+                            f"cannot follow it. Choose a "
                             f"shape-preserving block (a ResNet stage's last block, a transformer layer)")
         most_removed = -min(extra + [0])
         if most_removed and t.key != t.container:

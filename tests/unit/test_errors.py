@@ -38,9 +38,9 @@ def test_split_after_the_classifier_is_rejected():
 
 
 def test_deepen_on_a_non_container_names_the_fix():
-    stages = _stages()
-    with pytest.raises(SpecError, match=r"'layer2.0' is a Block.*Name the stage"):
-        bf.branchify(stages, Spec(splits=["layer2"], fanout=[2], deepen={"layer2.0": [0, 1]}))
+    stages = _stages()  # a block inside a container is a valid key ("layer2.0"); the head is not
+    with pytest.raises(SpecError, match=r"'fc' is a Linear inside a Stages.*Name the stage"):
+        bf.branchify(stages, Spec(splits=["layer2"], fanout=[2], deepen={"fc": [0, 1]}))
 
 
 def test_deepen_on_a_stage_whose_last_block_changes_shape():
