@@ -37,7 +37,6 @@ Examples:
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -54,6 +53,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without lightnin
                       "pip install 'branchify[lightning]'") from exc
 
 from branchify.contract import LeafModel
+from branchify.export import INFO_FILE, WEIGHTS, load_deployed, save_deployed
 from branchify.online_kd import LossOutput, OnlineKD
 
 __all__ = ["BranchifyCallback", "CHECKPOINT_KEY", "OnlineKDModule", "PARTS_KEY", "load_target", "save_target",
@@ -65,8 +65,8 @@ PARTS_KEY = "okd_parts"
 CHECKPOINT_KEY = "branchify"
 """Key of the loss's schedule state in a Lightning checkpoint."""
 
-EXPORT_INFO = "branchify.json"
-_WEIGHTS = {"torch": "model.pt", "safetensors": "model.safetensors"}
+EXPORT_INFO = INFO_FILE
+"""The side file written beside the weights (the schema of :mod:`branchify.export`)."""
 
 
 # ---------------------------------------------------------------------- helpers
@@ -139,35 +139,22 @@ def save_target(model: LeafModel, directory: str | os.PathLike, *, leaf: int | N
     """Write ``model.export(leaf)``'s ``state_dict`` and ``branchify.json`` into ``directory``.
 
     ``format="torch"`` writes ``model.pt`` (``torch.save`` of the state dict), ``"safetensors"``
-    writes ``model.safetensors``. ``branchify.json`` names the class (``"module.QualName"``),
-    the weights file, the leaf and the spec; reload with :func:`load_target`.
+    writes ``model.safetensors``. ``branchify.json`` (:mod:`branchify.export`'s schema) names the
+    class (``"module.QualName"``), the weights file, the leaf and the spec; reload with
+    :func:`load_target` (or :func:`branchify.export.load_deployed`, which needs no Lightning).
 
     Examples:
         >>> save_target(model, "student")                                       # doctest: +SKIP
         >>> net = torchvision.models.resnet18(num_classes=10)
         >>> net.load_state_dict(torch.load("student/model.pt"), strict=True)    # doctest: +SKIP
     """
-    if format not in _WEIGHTS:
-        raise ValueError(f"format must be one of {sorted(_WEIGHTS)}, got {format!r}")
+    if format not in WEIGHTS:
+        raise ValueError(f"format must be one of {sorted(WEIGHTS)}, got {format!r}")
     if not isinstance(model, LeafModel):
         raise TypeError(f"save_target needs the branched model (not a DDP wrapper), got {type(model).__name__}")
-    exported = model.export(leaf)
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in exported.state_dict().items()}
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    if format == "safetensors":
-        from safetensors.torch import save_file
-
-        save_file(state, str(out / _WEIGHTS[format]))
-    else:
-        torch.save(state, out / _WEIGHTS[format])
-    cls = type(exported)
-    info = {"class": f"{cls.__module__}.{cls.__qualname__}", "weights": _WEIGHTS[format], "format": format,
-            "leaf": model.target if leaf is None else leaf,
-            "spec": model.spec.to_dict() if hasattr(model.spec, "to_dict") else None,
-            **(extra or {})}
-    (out / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=str))
-    return out
+    save_deployed(model.export(leaf), directory, format=format, leaf=model.target if leaf is None else leaf,
+                  spec=model.spec, extra=extra)
+    return Path(directory)
 
 
 def load_target(directory: str | os.PathLike, model: nn.Module) -> nn.Module:
@@ -176,24 +163,7 @@ def load_target(directory: str | os.PathLike, model: nn.Module) -> nn.Module:
     Examples:
         >>> net = load_target("student", TinyNet(num_classes=10))              # doctest: +SKIP
     """
-    out = Path(directory)
-    if not (out / EXPORT_INFO).is_file():
-        raise FileNotFoundError(f"{out} has no {EXPORT_INFO}: give the export_dir of BranchifyCallback (or the "
-                                f"directory passed to save_target)")
-    info = json.loads((out / EXPORT_INFO).read_text())
-    cls = type(model)
-    name = f"{cls.__module__}.{cls.__qualname__}"
-    if info["class"] != name and info["class"].rpartition(".")[2] != cls.__qualname__:
-        raise TypeError(f"{out} holds a {info['class']} but the model given is a {name}; pass an instance of "
-                        f"{info['class']} built with the original constructor arguments")
-    if info["format"] == "safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(out / info["weights"]))
-    else:
-        state = torch.load(out / info["weights"], map_location="cpu", weights_only=True)
-    model.load_state_dict(state, strict=True)
-    return model
+    return load_deployed(directory, model)
 
 
 # ---------------------------------------------------------------------- the callback
@@ -234,8 +204,8 @@ class BranchifyCallback(L.Callback):
             raise TypeError(f"okd must be a branchify.OnlineKD, got {type(okd).__name__}")
         if model is not None and not isinstance(model, LeafModel):
             raise TypeError(f"model must be the branched model (before any wrapping), got {type(model).__name__}")
-        if export_format not in _WEIGHTS:
-            raise ValueError(f"export_format must be one of {sorted(_WEIGHTS)}, got {export_format!r}")
+        if export_format not in WEIGHTS:
+            raise ValueError(f"export_format must be one of {sorted(WEIGHTS)}, got {export_format!r}")
         if log_prefix is not None and not (on_step or on_epoch):
             raise ValueError("on_step and on_epoch are both False, so nothing would be logged; set one, or "
                              "log_prefix=None to log nothing")

@@ -15,7 +15,6 @@ exported target (reloaded strictly into the original class and checked against t
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from branchify.export import load_deployed, save_deployed
 
 from .demo_report import REFERENCE, estimate, report
 from .regime import CPU_REGIME, BranchifyTrainee, PlainTrainee, Regime, load_data, train_run
@@ -77,17 +78,13 @@ def _job(args: tuple) -> dict[str, Any]:
 
 def _save_and_check(deployed: torch.nn.Module, trainee, regime: Regime, seed: int, root, folder: Path) -> dict:
     """Save with safetensors, reload into a fresh instance of the original class, compare outputs."""
-    from safetensors.torch import load_file, save_file
-
     from .regime import net_fn
 
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in deployed.state_dict().items()}, str(folder / "model.safetensors"))
-    meta = {"class": f"{type(deployed).__module__}.{type(deployed).__qualname__}", "depth": regime.depth,
-            "num_classes": 10, "in_channels": 1, "image_size": regime.image_size}
-    (folder / "model.json").write_text(json.dumps(meta, indent=2))
-    fresh = net_fn(regime)()
-    fresh.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+    spec = getattr(trainee.model, "spec", None)
+    save_deployed(deployed, folder, format="safetensors", leaf=trainee.target if spec is not None else None,
+                  spec=spec, extra={"depth": regime.depth, "num_classes": 10, "in_channels": 1,
+                                    "image_size": regime.image_size})
+    fresh = load_deployed(folder, net_fn(regime)())
     x = next(iter(load_data(replace(regime, test_size=64), seed, root)[1]))[0]
     trainee.model.eval(), fresh.eval()
     with torch.no_grad():

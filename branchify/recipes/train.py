@@ -8,7 +8,6 @@ the ensemble of all leaves, every leaf, and the peers' diversity.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import branchify as bf
+from branchify.export import load_state_dict, read_info, save_deployed
 from branchify.metrics import peer_diversity
 
 from . import ddp
@@ -244,17 +244,11 @@ def _train_epoch(cfg: RunConfig, net: nn.Module, state: TrainState, loader, epoc
 
 
 def save_exported(model: nn.Module, cfg: RunConfig, meta, directory: str | Path) -> Path:
-    """Save the deployed model as ``model.safetensors`` + ``model.json`` (how to rebuild it)."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "model.safetensors"
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(path))
-    (directory / "model.json").write_text(json.dumps(
-        {"model": cfg.model, "num_classes": meta.num_classes, "in_channels": meta.in_channels,
-         "class": f"{type(model).__module__}.{type(model).__qualname__}", "method": cfg.method}, indent=2))
-    return path
+    """Save the deployed model as ``model.safetensors`` + ``branchify.json`` (:mod:`branchify.export`'s
+    schema, plus how to rebuild it: the zoo ``model``, ``num_classes``, ``in_channels``, ``method``)."""
+    return save_deployed(model, directory, format="safetensors",
+                         extra={"model": cfg.model, "num_classes": meta.num_classes,
+                                "in_channels": meta.in_channels, "method": cfg.method})
 
 
 def load_exported(directory: str | Path) -> nn.Module:
@@ -263,12 +257,9 @@ def load_exported(directory: str | Path) -> nn.Module:
     Examples:
         >>> net = load_exported("runs/demo/exported")     # doctest: +SKIP
     """
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    info = json.loads((directory / "model.json").read_text())
+    info = read_info(directory)  # also the model.json of runs saved before branchify.json
     net = build_model(info["model"], num_classes=info["num_classes"], in_channels=info["in_channels"])
-    net.load_state_dict(load_file(str(directory / "model.safetensors")), strict=True)
+    net.load_state_dict(load_state_dict(directory, info), strict=True)
     return net.eval()
 
 

@@ -17,7 +17,6 @@ Examples:
 from __future__ import annotations
 
 import copy
-import json
 import os
 from typing import Any
 
@@ -32,6 +31,7 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 
+from branchify.export import write_info
 from branchify.model import BranchedModel
 from branchify.online_kd import LossOutput, OnlineKD
 from branchify.outputs import BranchedOutput
@@ -262,7 +262,8 @@ class BranchedHFModel(nn.Module):
     def save_target(self, directory: str | os.PathLike, leaf: int | None = None) -> str:
         """``save_pretrained`` the exported leaf (default: the target) into ``directory``.
 
-        Also writes ``branchify.json`` (the spec and the leaf) next to the weights.
+        Also writes ``branchify.json`` next to the weights (:mod:`branchify.export`'s schema with
+        ``format="hf"``: the class, the leaf, the spec and ``tie_word_embeddings``).
 
         Examples:
             >>> model.save_target("runs/exported-target")                    # doctest: +SKIP
@@ -270,11 +271,9 @@ class BranchedHFModel(nn.Module):
         directory = os.fspath(directory)
         exported = self.export_pretrained(leaf)
         exported.save_pretrained(directory)
-        info = {"spec": self.branched.spec.to_dict(), "leaf": self.target if leaf is None else leaf,
-                "class": f"{self.model_class.__module__}.{self.model_class.__name__}",
-                "tie_word_embeddings": getattr(exported.config, "tie_word_embeddings", None)}
-        with open(os.path.join(directory, "branchify.json"), "w") as f:
-            json.dump(info, f, indent=2, default=str)
+        write_info(directory, self.model_class, format="hf", leaf=self.target if leaf is None else leaf,
+                   spec=self.branched.spec,
+                   extra={"tie_word_embeddings": getattr(exported.config, "tie_word_embeddings", None)})
         return directory
 
     def extra_repr(self) -> str:
