@@ -18,7 +18,7 @@ from .surgery.batched import model_key as _key
 from .surgery.deepen import deepened_skeleton
 from .surgery.partition import REQUIRED
 from .surgery.runner import TreeLayout, run_tree
-from .surgery.widths import consumer_width
+from .surgery.widths import consumer_width, producer_width
 from .views import HasViews, run_views
 
 
@@ -117,12 +117,9 @@ class BranchedModel(HasViews, LeafModel):
 
     @property
     def num_classes(self) -> int | None:
-        """Classes of the logits: ``out_features`` of the leaves' final Linear, if there is one."""
-        if self._final_linear_in is None:
-            return None
-        heads = [m for m in self.segments[_key(self.leaf_paths[0])].modules()
-                 if isinstance(m, nn.Linear) and m.in_features == self._final_linear_in]
-        return heads[-1].out_features if heads else None
+        """Classes of the logits: the output width of the layer producing them (a Linear's
+        ``out_features``, a conv classifier's ``out_channels``), if known."""
+        return producer_width(self.segments[_key(self.leaf_paths[0])], self.layout.heads[0])
 
     @property
     def feature_map_channels(self) -> int | None:

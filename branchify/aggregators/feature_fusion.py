@@ -9,17 +9,18 @@ from torch import nn
 from branchify.aggregators.base import Aggregator, AggregatorError, KDTerm, Targets, _model_attr, pool, require_size
 from branchify.outputs import BranchedOutput
 
-SOURCES = ("features", "feature_maps")
+SOURCES = ("auto", "features", "feature_maps")
 
 
 class FeatureFusion(Aggregator):
     """Teacher logits from the leaves' *features*, not their logits: ``z_e = W [h_1; ...; h_K] + b``.
 
     ``h_k`` is leaf k's penultimate feature vector (``out.features``; ``source="feature_maps"``
-    global-average-pools ``out.feature_maps`` instead) and ``W, b`` a fused ``Linear(sum_k d_k ->
-    classes)`` trained with the model. Targets: ``CE(z_e)`` named ``"teacher"`` (gradient flows into
-    the fused classifier *and* every leaf's features) and, with ``kd=True``, ``KL(p_e || p_k)`` for
-    every leaf ``k`` (named ``"leaf{k}"``).
+    global-average-pools ``out.feature_maps`` instead; ``"auto"``, the default, takes the features
+    and, for a model whose classifier is a convolution (SqueezeNet), the map that convolution
+    reads) and ``W, b`` a fused ``Linear(sum_k d_k -> classes)`` trained with the model. Targets:
+    ``CE(z_e)`` named ``"teacher"`` (gradient flows into the fused classifier *and* every leaf's
+    features) and, with ``kd=True``, ``KL(p_e || p_k)`` for every leaf ``k`` (named ``"leaf{k}"``).
 
     This is PCL's peer-ensemble teacher (Wu & Gong, AAAI 2021): in the reproduction
     ``shaoeric/Peer-Collaborative-Learning-for-Online-Knowledge-Distillation@6afb473``,
@@ -39,7 +40,7 @@ class FeatureFusion(Aggregator):
         num_classes: classes of the fused classifier.
         num_leaves: number of leaves K.
         leaves: indices of the leaves whose features are fused (default: all).
-        source: ``"features"`` or ``"feature_maps"`` (pooled to ``[B, C]``).
+        source: ``"auto"``, ``"features"`` or ``"feature_maps"`` (pooled to ``[B, C]``).
         kd: add the KD terms (``False``: a CE-trained fused head only, e.g. to compose with other teachers).
         detach: default detach rule of the KD terms.
 
@@ -55,7 +56,7 @@ class FeatureFusion(Aggregator):
 
     def __init__(self, in_features: int | Sequence[int] | None = None, num_classes: int | None = None,
                  num_leaves: int | None = None, *, leaves: Sequence[int] | None = None,
-                 source: Literal["features", "feature_maps"] = "features", kd: bool = True,
+                 source: Literal["auto", "features", "feature_maps"] = "auto", kd: bool = True,
                  detach: bool = True) -> None:
         super().__init__(detach=detach)
         if source not in SOURCES:
@@ -73,12 +74,16 @@ class FeatureFusion(Aggregator):
 
     def _bind_sizes(self, model) -> None:
         if self.in_features is None:
-            dims = getattr(model, "feature_dims", None) if self.source == "features" else None
+            dims = getattr(model, "feature_dims", None) if self.source != "feature_maps" else None
             if dims is not None and None not in dims:
                 self.in_features = list(dims)
-            else:
-                name = "feature_dim" if self.source == "features" else "feature_map_channels"
-                self.in_features = _model_attr(model, name)
+            elif self.source != "feature_maps":
+                self.in_features = _model_attr(model, "feature_dim")
+            if self.in_features is None and self.source != "features":
+                self.in_features = _model_attr(model, "feature_map_channels")
+                self.source = "feature_maps" if self.in_features is not None else self.source
+            elif self.source == "auto":
+                self.source = "features"
         if self.num_classes is None:
             self.num_classes = _model_attr(model, "num_classes")
 
@@ -114,8 +119,10 @@ class FeatureFusion(Aggregator):
         if self.fc is None:
             require_size(self.in_features, f"the width of out.{self.source}", "in_features", "FeatureFusion")
             require_size(self.num_classes, "the number of classes", "num_classes", "FeatureFusion")
-        feats = out.features if self.source == "features" else out.feature_maps
         chosen = self.fused()
+        if self.source == "auto":  # not bound to a model: the features where every leaf has them
+            self.source = "features" if all(out.features[i] is not None for i in chosen) else "feature_maps"
+        feats = out.features if self.source == "features" else out.feature_maps
         missing = [i for i in chosen if feats[i] is None]
         if missing:
             raise AggregatorError(f"FeatureFusion reads out.{self.source} but leaves {missing} have none (the model "

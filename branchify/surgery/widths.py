@@ -88,3 +88,32 @@ def consumer_width(gm: fx.GraphModule, name: str) -> int | None:
             if user.op != "output":
                 queue.append(user)
     return None
+
+
+def producer_width(gm: fx.GraphModule, name: str) -> int | None:
+    """Output width of the nearest sized layer that produces the value ``name`` in ``gm``, looking
+    back through parameter-free operations (pooling, flatten, activations); ``None`` if unknown.
+
+    Examples:
+        >>> gm = fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 7, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1)))
+        >>> producer_width(gm, "_2")
+        7
+    """
+    start = next((n for n in gm.graph.nodes if n.name == name), None)
+    queue, seen = deque([start] if start is not None else []), set()
+    while queue:
+        node = queue.popleft()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module":
+            m = gm.get_submodule(str(node.target))
+            for attr in ("out_features", "out_channels"):
+                if isinstance(getattr(m, attr, None), int):
+                    return getattr(m, attr)
+        elif node.op == "call_function" and node.target in (F.linear, F.conv1d, F.conv2d, F.conv3d):
+            weight = _attr(gm, node.kwargs.get("weight", node.args[1] if len(node.args) > 1 else None))
+            if weight is not None:
+                return int(weight.shape[0])
+        queue.extend(a for a in node.all_input_nodes if a.op not in ("get_attr", "placeholder"))
+    return None

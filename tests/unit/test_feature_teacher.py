@@ -13,7 +13,8 @@ RTOL = 1e-5
 
 
 def kd_loss(pred, target, T=3.0):
-    """PCL reproduction ``src/losses/kd_loss.py`` lines 15-26: ``T^2 * KLDiv(batchmean)(log_softmax(p/T), softmax(t/T))``."""
+    """PCL reproduction ``src/losses/kd_loss.py`` lines 15-26:
+    ``T^2 * KLDiv(batchmean)(log_softmax(p/T), softmax(t/T))``."""
     p = F.softmax(target / T, dim=1)
     return T * T * (p * (p.log() - F.log_softmax(pred / T, dim=1))).sum(1).mean()
 
@@ -77,6 +78,29 @@ def test_sizes_come_from_the_model(tiny_resnet):
     maps = bm.attach(FeatureFusion(source="feature_maps", kd=False))
     targets = maps(bm(torch.randn(2, 3, 16, 16)))
     assert maps.fc.in_features == 4 * 16 and targets.kd == []
+
+
+class ConvHead(nn.Module):
+    """A SqueezeNet-style classifier: a 1x1 convolution to the classes, then global pooling."""
+
+    def __init__(self, classes: int = 5) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1))
+        self.classifier = nn.Sequential(nn.Conv2d(6, classes, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+
+    def forward(self, x):
+        return torch.flatten(self.classifier(self.features(x)), 1)
+
+
+def test_a_conv_classifier_fuses_its_pooled_input_maps(one_thread):
+    torch.manual_seed(0)
+    bm = bf.branchify(ConvHead(), bf.Spec(splits=["features.2"], fanout=[3]))
+    assert (bm.feature_dim, bm.feature_map_channels, bm.num_classes) == (None, 6, 5)
+    agg = bm.attach(FeatureFusion())
+    assert agg.source == "feature_maps" and (agg.fc.in_features, agg.fc.out_features) == (3 * 6, 5)
+    out = bm(torch.randn(2, 3, 8, 8))
+    h = torch.cat([m.mean(dim=(2, 3)) for m in out.feature_maps], dim=1)
+    torch.testing.assert_close(out.targets.ce["teacher"], agg.fc(h))
 
 
 def test_peers_of_different_widths_concatenate(one_thread):

@@ -1,4 +1,4 @@
-"""PCL: the preset's loss equals the reproduction's code in float64; views reach the temporal mean; the EMA is deployed."""
+"""PCL: the loss equals the reproduction's code in float64; views reach the temporal mean; the EMA is deployed."""
 from __future__ import annotations
 
 import math
