@@ -45,7 +45,13 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import machine_info
-from branchify.distributed.codistill import CodistillOptions, CodistillPeer, allreduce_bytes, exchange_due, payload_bytes
+from branchify.distributed.codistill import (
+    CodistillOptions,
+    CodistillPeer,
+    allreduce_bytes,
+    exchange_due,
+    payload_bytes,
+)
 from branchify.distributed.codistill_transport import LocalTransport
 from branchify.recipes.regime import Regime, load_data, net_fn
 
@@ -204,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     header = (f"codistillation vs DDP vs independent: ResNet-{args.depth}, Fashion-MNIST 14x14, {args.train_size} "
               f"train images, {args.steps} steps x 4 ranks x {args.per_rank} images, burn-in {args.burn_in}, "
-              f"seeds {seeds}; mean ± SE" + (" (smoke size: checks the script, measures nothing)" if args.smoke else ""))
+              f"seeds {seeds}; mean ± SE")
+    header += " (smoke size: checks the script, measures nothing)" if args.smoke else ""
     (out / f"{name}.json").write_text(json.dumps({"header": header, "args": vars(args),
                                                   "machine": machine_info(torch.device("cpu")), "summary": rows,
                                                   "runs": runs}, indent=1))

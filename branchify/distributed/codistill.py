@@ -41,7 +41,6 @@ Examples:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -126,7 +125,7 @@ class CodistillOptions:
 
 
 def _aggregator(name: str) -> nn.Module:
-    from branchify.aggregators import Mean, PeerMean, Pairwise
+    from branchify.aggregators import Mean, Pairwise, PeerMean
 
     return {"pairwise": Pairwise, "peer_mean": PeerMean, "mean": Mean}[name]()
 
@@ -341,7 +340,3 @@ def check_configs(config: dict[str, Any], group: Any = None) -> None:
         raise CodistillError(f"the codistillation ranks were started with different configs ({problem}); start "
                              f"every group from the same command and run directory (only --group may differ)")
 
-
-def steps_between(a: int, b: int, options: CodistillOptions) -> int:
-    """Exchanges between steps ``a`` and ``b`` (how stale a snapshot is, in exchanges)."""
-    return math.floor((b - a) / options.exchange_every)

@@ -200,12 +200,13 @@ class FileTransport(_Counting):
         got: dict[int, Any] = {}
         why: dict[int, str] = {}
         waiting = [g for g in peers if g not in self.dropped]
+        weights = self.options.exchange == "weights"  # logits are only usable for this very step's images
         while True:
             for g in list(waiting):
                 snap = self._read(g, step) if step in self._steps(g) else None
-                newest = snap or self._newest(g)
+                newest = snap or (self._newest(g) if weights else None)
                 if snap is not None or (newest is not None and (newest["final"] or newest["step"] > step)):
-                    got[g] = (snap or newest)["payload"]
+                    got[g] = (snap or newest)["payload"]  # weights: a finished or newer peer will not send step
                     waiting.remove(g)
             if not waiting or time.monotonic() >= deadline:
                 break
@@ -219,8 +220,9 @@ class FileTransport(_Counting):
                 got[g] = newest["payload"]
             else:
                 why[g] = ("sent nothing" if newest is None else
+                          f"is ahead (logits for step {newest['step']}; only this step's are usable)" if lag < 0 else
                           f"is {lag} exchanges behind (last snapshot at step {newest['step']}; the limit is "
-                          f"{self.options.max_stale if self.options.exchange == 'weights' else 0}) or died")
+                          f"{self.options.max_stale if weights else 0}) or died")
         self.dropped = set(peers) - set(got)
         self.received += sum(payload_bytes(p) for p in got.values())
         self._report(got, step, why)

@@ -21,7 +21,7 @@ import copy
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from branchify.distributed.codistill import (CodistillOptions, CodistillPeer, allreduce_bytes, exchange_due)
+from branchify.distributed.codistill import CodistillOptions, CodistillPeer, allreduce_bytes, exchange_due
 from branchify.distributed.env import comm_device
 
 from . import ddp
@@ -90,7 +90,6 @@ class GroupContext:
     dp_group: Any
     transport: Any
     say: Callable[[str], None] = print
-    stats: dict[str, float] = field(default_factory=dict)
 
     @property
     def dp_rank(self) -> int:

@@ -19,12 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from gloo_ranks import free_port, run_ranks
 from safetensors.torch import load_file
 
 from branchify.recipes.cli import main as cli_main
 from branchify.recipes.config import RunConfig
-
-from gloo_ranks import free_port, run_ranks
 
 FLAGS = ["--dataset", "fashion_mnist", "--model", "resnet20", "--fake-data", "--batch-size", "8", "--lr", "0.001",
          "--set", "fake_batches=3", "--set", "freeze_bn=true", "--device", "cpu", "--no-progress", "--no-plots",

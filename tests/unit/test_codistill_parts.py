@@ -10,13 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from gloo_ranks import run_ranks
 from torch import nn
 
-from branchify.distributed.codistill import (CodistillError, CodistillOptions, CodistillPeer, config_mismatch,
-                                             payload_bytes, topk_pack, topk_unpack)
+from branchify.distributed.codistill import (
+    CodistillError,
+    CodistillOptions,
+    CodistillPeer,
+    config_mismatch,
+    payload_bytes,
+    topk_pack,
+    topk_unpack,
+)
 from branchify.distributed.codistill_transport import FileTransport, LocalTransport
-
-from gloo_ranks import run_ranks
 
 
 def _peers(options: CodistillOptions, seed: int = 0) -> list[CodistillPeer]:
@@ -143,7 +149,7 @@ def test_groups_may_hold_different_architectures_only_logits_cross():
     peers = [CodistillPeer(n, g, opts, lambda h: archs[h]()) for g, n in enumerate(nets)]
     for g, p in enumerate(peers):
         p.absorb({1 - g: peers[1 - g].snapshot()})
-    x, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    x = torch.randn(4, 5)
     assert isinstance(peers[0].teachers[1], nn.Sequential) and isinstance(peers[1].teachers[0], nn.Linear)
     torch.testing.assert_close(peers[0].teacher_logits(x, 4)[0], nets[1](x).detach())
     with pytest.raises(CodistillError, match="group 1's weights do not fit the Sequential group 0 built"):
@@ -157,3 +163,14 @@ def test_logits_for_other_images_than_the_shared_batch_are_refused():
     other = shared.flip(0)
     with pytest.raises(CodistillError, match="group 1's logits are for other images"):
         peers[0].loss(peers[0].model(other), torch.zeros(4, dtype=torch.long), other, peers[0].model(other))
+
+
+def test_file_transport_in_logits_mode_uses_only_the_same_steps_logits(tmp_path):
+    lines: list[str] = []
+    opts = CodistillOptions(groups=2, exchange="logits", wait_s=0.1)
+    t = FileTransport(tmp_path, 0, opts, fingerprint="f", on_event=lines.append)
+    _snap(tmp_path, 1, 5)
+    assert list(t.collect(5)) == [1]
+    _snap(tmp_path, 1, 7)
+    assert t.collect(6) == {} and "group 1 is ahead (logits for step 7" in lines[-1]
+    assert t.collect(4) == {}  # older logits are for other images too
