@@ -28,6 +28,8 @@ def test_the_wheel_holds_only_branchify_and_its_configs(wheel):
     top = {n.split("/")[0] for n in names}
     assert all(t == "branchify" or t.startswith("branchify-") for t in top), sorted(top)
     assert "branchify/recipes/configs/cifar100_resnet32_one.yaml" in names
+    assert "branchify/py.typed" in names  # PEP 561: type checkers read the package's hints
+    assert not [n for n in names if "benchmark" in n.rpartition("/")[2]], "benchmark drivers belong in benchmarks/"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "branchify-train = branchify.recipes.cli:main" in text and "[branchify.plugins]" in text
