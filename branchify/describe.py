@@ -132,7 +132,8 @@ def describe(model: "BranchedModel", *example_inputs: Any, **kwargs: Any) -> str
                      f"deployed leaf costs 1.00x")
     if getattr(model, "views", None) is not None:  # branchify.views: every leaf's path runs on its own view
         with_views, without = views_cost(model, flops)
+        vs_model = f", {with_views / target_flops:.2f}x the original model" if target_flops else ""
         lines.append(f"per-leaf views (training mode): the shared segments run once per leaf - "
                      f"{_fmt(with_views)} forward FLOPs per batch instead of {_fmt(without)} "
-                     f"({with_views / max(without, 1):.2f}x); eval runs the tree once")
+                     f"({with_views / max(without, 1):.2f}x the tree without views{vs_model}); eval runs the tree once")
     return "\n".join(lines)

@@ -124,7 +124,8 @@ def test_method_option_and_describe_cost(tiny_resnet, one_thread):
     flops = segment_flops(bm, torch.randn(2, 3, 16, 16))
     with_views = 3 * flops["trunk"] + sum(flops[f"b{k}"] for k in range(3))
     assert with_views > sum(flops.values())
-    assert f"({with_views / sum(flops.values()):.2f}x)" in line
+    assert f"({with_views / sum(flops.values()):.2f}x the tree without views, " in line
+    assert f"{with_views / (flops['trunk'] + flops['b0']):.2f}x the original model)" in line
 
 
 def test_bad_views_are_explained(tiny_resnet, one_thread):
