@@ -65,7 +65,12 @@ class Call:
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:
-    """The first tensor in ``value`` (depth first through tuples, lists and dicts)."""
+    """The first tensor in ``value`` (depth first through tuples, lists and dicts).
+
+    Examples:
+        >>> first_tensor((None, {"a": torch.zeros(2)})).shape
+        torch.Size([2])
+    """
     if isinstance(value, torch.Tensor):
         return value
     items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
@@ -109,7 +114,12 @@ def _first_layer(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
 
 
 def example_inputs(gm: fx.GraphModule, model: nn.Module, size: int) -> dict[str, torch.Tensor]:
-    """Keyword inputs for ``model``: one tensor per required placeholder of its traced graph."""
+    """Keyword inputs for ``model``: one tensor per required placeholder of its traced graph.
+
+    Examples:
+        >>> {k: v.shape for k, v in example_inputs(trace(net), net, 64).items()}   # doctest: +SKIP
+        {'x': torch.Size([2, 3, 64, 64])}
+    """
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     g = torch.Generator().manual_seed(0)

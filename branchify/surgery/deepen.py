@@ -90,7 +90,12 @@ def resolve_target(model: nn.Module, key: str) -> Target:
 def prepare_deepen(model: nn.Module, deepen: dict[str, list[int]], tracer: fx.Tracer | None = None
                    ) -> dict[str, Target]:
     """Resolve and check every deepen key: copied blocks keep the shape of their input (read off a
-    recorded forward), removed blocks too, and removal leaves one block."""
+    recorded forward), removed blocks too, and removal leaves one block.
+
+    Examples:
+        >>> prepare_deepen(torchvision.models.resnet18(), {"layer4": [0, 2]})["layer4"].block   # doctest: +SKIP
+        'layer4.1'
+    """
     targets = {key: resolve_target(model, key) for key in deepen}
     if not targets:
         return targets
@@ -143,7 +148,11 @@ def _keeps_shape(model: nn.Module, path: str, call: Call | None) -> bool:
 
 def make_copies(work: nn.Module, t: Target, count: int, reinit, deepen_init: str) -> list[nn.Module]:
     """``count`` copies of the target's block, each passed through ``reinit(block, key_prefix)`` and,
-    for ``deepen_init="identity"``, made to start as the identity (checked on the recorded call)."""
+    for ``deepen_init="identity"``, made to start as the identity (checked on the recorded call).
+
+    Examples:
+        >>> blocks = make_copies(work, target, 2, lambda blk, src: None, "identity")   # doctest: +SKIP
+    """
     copies = []
     for _ in range(count):
         blk = copy.deepcopy(work.get_submodule(t.block))
@@ -162,7 +171,11 @@ def make_copies(work: nn.Module, t: Target, count: int, reinit, deepen_init: str
 
 def deepen_graph(level: fx.GraphModule, t: Target, new_blocks: list[nn.Module], remove: int) -> None:
     """Insert ``new_blocks`` right after the target block's nodes, or drop the container's last
-    ``remove`` blocks."""
+    ``remove`` blocks.
+
+    Examples:
+        >>> deepen_graph(replica, target, make_copies(work, target, 2, reinit, "identity"), 0)   # doctest: +SKIP
+    """
     graph = level.graph
     inside = _nodes_of(graph, t.block)
     if not inside:
@@ -246,7 +259,12 @@ def _insert_copies(level: fx.GraphModule, t: Target, inside: list[fx.Node], new_
 
 def deepened_skeleton(skeleton: nn.Module, deepen: dict[str, int]) -> nn.Module:
     """A copy of the (meta) original model with ``deepen[key]`` copies after each key's block
-    (or that many trailing blocks removed), named as :func:`deepen_graph` names them."""
+    (or that many trailing blocks removed), named as :func:`deepen_graph` names them.
+
+    Examples:
+        >>> len(deepened_skeleton(torchvision.models.resnet18(), {"layer4": 2}).layer4)   # doctest: +SKIP
+        4
+    """
     model = copy.deepcopy(skeleton)
     for key, extra in deepen.items():
         t = resolve_target(model, key)

@@ -4,7 +4,8 @@
 (:func:`~branchify.surgery.block_calls.record_calls`). A *candidate* is a module that
 
 - is a child of an ``nn.Sequential`` / ``nn.ModuleList`` (so the exported model can hold copies
-  of it), holds parameters and runs exactly once;
+  of it), holds a weight matrix or kernel (a lone normalisation layer is no block) and runs
+  exactly once;
 - starts at or after the last split (every leaf replicates it) and does not contain the split;
 - keeps the shape of its main input in that forward (``x.shape == block(x).shape``);
 - can start as the identity (:func:`~branchify.surgery.identity.identity_init_how` succeeds on a
@@ -52,7 +53,12 @@ def _start_of(calls: dict[str, Call], after: str) -> int:
 
 
 def candidates(model: nn.Module, calls: dict[str, Call], after: str) -> list[str]:
-    """Shape-preserving blocks that run after ``after``, the one that starts last first."""
+    """Shape-preserving blocks that run after ``after``, the one that starts last first.
+
+    Examples:
+        >>> candidates(net, record_calls(net), "layer4")   # doctest: +SKIP
+        ['layer4.1']
+    """
     start = _start_of(calls, after)
     found = []
     for path, module in model.named_modules():
@@ -60,7 +66,7 @@ def candidates(model: nn.Module, calls: dict[str, Call], after: str) -> list[str
         parent = model.get_submodule(parent_path) if parent_path else model
         call = calls.get(path)
         if (not path or not isinstance(parent, _CONTAINERS) or call is None or call.count != 1
-                or call.start < start or after.startswith(path + ".") or not any(True for _ in module.parameters())):
+                or call.start < start or after.startswith(path + ".") or not any(p.dim() >= 2 for p in module.parameters())):
             continue
         if call.keeps_shape():
             found.append((call.start, path))
@@ -68,7 +74,12 @@ def candidates(model: nn.Module, calls: dict[str, Call], after: str) -> list[str
 
 
 def stage_count(calls: dict[str, Call], body_blocks: list[str]) -> int:
-    """Distinct output shapes among the body's blocks (see the module docstring)."""
+    """Distinct output shapes among the body's blocks (see the module docstring).
+
+    Examples:
+        >>> stage_count(record_calls(resnet18), ["layer1", "layer2", "layer3", "layer4"])   # doctest: +SKIP
+        4
+    """
     shapes = {tuple(calls[b].hidden_out.shape) for b in body_blocks
               if b in calls and calls[b].hidden_out is not None}
     return len(shapes)

@@ -50,7 +50,12 @@ def _zero(*tensors: torch.Tensor | None) -> None:
 
 def probe_shape(block: nn.Module) -> tuple[int, ...] | None:
     """An input shape the block accepts, read off its first layer (None if unknown); only the
-    fallback when no forward of the model could be recorded."""
+    fallback when no forward of the model could be recorded.
+
+    Examples:
+        >>> probe_shape(nn.Sequential(nn.Conv2d(4, 4, 3)))
+        (2, 4, 16, 16)
+    """
     for m in block.modules():
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             return (2, m.in_channels) + (16,) * (m.weight.dim() - 2)
@@ -105,7 +110,12 @@ def _with_input(call: Call, x: torch.Tensor) -> tuple[tuple, dict]:
 
 def is_identity(block: nn.Module, call: Call | None = None) -> bool:
     """Whether ``block`` returns its main input unchanged on ``call`` (to 1e-5 of the input's largest
-    magnitude; an all-zero input proves nothing and fails)."""
+    magnitude; an all-zero input proves nothing and fails).
+
+    Examples:
+        >>> is_identity(nn.Sequential(nn.ReLU()))   # no layer says what input it takes
+        False
+    """
     res = _run(block, call)
     if res is None:
         return False
@@ -191,7 +201,12 @@ def _silence(block: nn.Module, path: str, rec: dict[str, list]) -> str | None:
 
 def silence_branches(block: nn.Module, call: Call | None) -> str | None:
     """Strategy 4 of the module docstring: silence residual branches from the block's end until
-    the block is the identity on ``call``."""
+    the block is the identity on ``call``.
+
+    Examples:
+        >>> silence_branches(llama_layer, call)   # doctest: +SKIP
+        'the last projection of each residual branch at 0 (mlp.down_proj.weight, self_attn.o_proj.weight)'
+    """
     if call is None:
         return None
     x = call.hidden_out if call.hidden_out is not None else call.hidden_in

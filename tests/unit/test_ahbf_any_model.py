@@ -171,7 +171,7 @@ def _tiny_densenet():
 
 
 @pytest.mark.parametrize("make, words", [
-    (lambda: torchvision.models.shufflenet_v2_x0_5(num_classes=5), "deepen_init='standard'"),
+    (lambda: torchvision.models.shufflenet_v2_x0_5(num_classes=5), "another preset"),
     (lambda: torchvision.models.squeezenet1_1(num_classes=5), "deepen_init='standard'"),
     (_tiny_densenet, "aux=0"),
 ])
@@ -190,9 +190,9 @@ def test_no_residual_block_to_copy_names_what_works(make, words):
 
 def test_standard_init_deepens_a_non_residual_stack():
     torch.manual_seed(0)
-    bm, _ = _method(torchvision.models.shufflenet_v2_x0_5(num_classes=5), deepen_init="standard")
+    bm, _ = _method(torchvision.models.squeezenet1_1(num_classes=5), deepen_init="standard")
     (key, d), = bm.deepened.items()
-    assert d["start"] == "the architecture's own init"
+    assert (d["block"], d["class"], d["start"]) == ("features.12", "Fire", "the architecture's own init")
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(bm.export(2).eval()(x), bm.eval()(x).logits[2], rtol=1e-5, atol=1e-6)
