@@ -49,9 +49,11 @@ elements, 128 MiB per float32 temporary of the unchunked loss). Below it the unc
 costs a few hundred MiB at most and runs faster (one kernel per operation instead of a loop);
 see ``benchmarks/lm_memory.py`` for the measurement."""
 
-AUTO_CHUNK_ELEMENTS = 1 << 22
-"""Elements of one chunk's temporaries in ``"auto"`` mode: ``chunk = max(1, 4 Mi // vocab)``
-tokens (27 tokens at a 152k vocabulary, 128 at 32k), 16 MiB per float32 temporary."""
+AUTO_CHUNK_ELEMENTS = 1 << 23
+"""Elements of one chunk over all its inputs in ``"auto"`` mode: ``chunk = max(1, 8 Mi // (vocab *
+tensors))`` tokens (13 tokens for ONE's 4 tensors at a 152k vocabulary, 65 at 32k). A chunk's
+working set is about four such layers of temporaries (log-probabilities, probabilities, the
+gradient being accumulated), ~128 MiB in float32 whatever the batch."""
 
 
 class TokenChunkError(BranchifyError, ValueError):
@@ -77,11 +79,12 @@ def resolve_chunk(setting: int | str | None, labels: torch.Tensor, vocab: int, t
     """The chunk size (tokens) to use, or ``None`` for the unchunked loss.
 
     ``"auto"`` chunks only token-level labels (``[B, L]``, never ``[B]`` classification) when
-    ``positions * vocab * tensors >= AUTO_MIN_ELEMENTS``.
+    ``positions * vocab * tensors >= AUTO_MIN_ELEMENTS``, with
+    ``AUTO_CHUNK_ELEMENTS // (vocab * tensors)`` positions per chunk.
 
     Examples:
         >>> resolve_chunk("auto", torch.zeros(1, 4096, dtype=torch.long), 152064, 4)
-        27
+        13
         >>> resolve_chunk("auto", torch.zeros(128, dtype=torch.long), 1000, 4) is None
         True
     """
@@ -91,7 +94,7 @@ def resolve_chunk(setting: int | str | None, labels: torch.Tensor, vocab: int, t
         return int(setting)
     if labels.dim() < 2 or labels.numel() * vocab * tensors < AUTO_MIN_ELEMENTS:
         return None
-    return max(1, AUTO_CHUNK_ELEMENTS // vocab)
+    return max(1, AUTO_CHUNK_ELEMENTS // (vocab * tensors))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -103,9 +106,18 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-2], t.shape[-1])
 
 
-def _chunks(rows: int, length: int, chunk: int) -> list[tuple[int, int, int]]:
-    """``(row, start, end)`` of every chunk: at most ``chunk`` positions of one row each."""
-    return [(r, s, min(s + chunk, length)) for r in range(rows) for s in range(0, length, chunk)]
+def _chunks(rows: int, length: int, chunk: int) -> list[tuple[int, int, int, int]]:
+    """``(row0, row1, start, end)`` of every chunk: whole rows grouped when a row fits in ``chunk``
+    positions, else at most ``chunk`` positions of one row."""
+    if chunk >= length:
+        per = chunk // length
+        return [(r, min(r + per, rows), 0, length) for r in range(0, rows, per)]
+    return [(r, r + 1, s, min(s + chunk, length)) for r in range(rows) for s in range(0, length, chunk)]
+
+
+def _piece(t: torch.Tensor, c: tuple[int, int, int, int]) -> torch.Tensor:
+    """The positions of chunk ``c`` of ``t`` (``[R, L, ...]``), flattened to ``[n, ...]``."""
+    return t[c[0]:c[1], c[2]:c[3]].flatten(0, 1)
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -189,9 +201,9 @@ class ChunkedTokenLoss(torch.autograd.Function):
         dtype = _compute_dtype(tensors)
         count = mask.sum().clamp_min(1)
         total = None
-        for r, s, e in _chunks(rows, length, chunk):
-            sums, _ = _chunk_pass([v[r, s:e] for v in views], lab[r, s:e], mask[r, s:e], temperature, ce, kd,
-                                  dtype, None, ())
+        for c in _chunks(rows, length, chunk):
+            sums, _ = _chunk_pass([_piece(v, c) for v in views], _piece(lab, c), _piece(mask, c), temperature,
+                                  ce, kd, dtype, None, ())
             total = sums if total is None else total + sums
         ctx.save_for_backward(labels, *tensors)
         ctx.setup = (temperature, ce, kd, chunk)
@@ -209,14 +221,17 @@ class ChunkedTokenLoss(torch.autograd.Function):
         dtype = _compute_dtype(tensors)
         gvals = grad_values.to(dtype) / mask.sum().clamp_min(1)
         touched = _touched(ce, kd, needs, len(tensors))
-        buffers = [torch.zeros_like(t) if touched[i] else None for i, t in enumerate(tensors)]
+        # contiguous, so that _rows() of a buffer is always a view the chunks write into
+        buffers = [torch.zeros(t.shape, dtype=t.dtype, device=t.device) if touched[i] else None
+                   for i, t in enumerate(tensors)]
         gviews = [_rows(b) if b is not None else None for b in buffers]
-        for r, s, e in _chunks(rows, length, chunk):
-            _, grads = _chunk_pass([v[r, s:e] for v in views], lab[r, s:e], mask[r, s:e], temperature, ce, kd,
-                                   dtype, gvals, needs)
+        for c in _chunks(rows, length, chunk):
+            _, grads = _chunk_pass([_piece(v, c) for v in views], _piece(lab, c), _piece(mask, c), temperature,
+                                   ce, kd, dtype, gvals, needs)
             for i, g in enumerate(grads):
                 if g is not None:
-                    gviews[i][r, s:e] = g.to(gviews[i].dtype)  # type: ignore[index]
+                    target = gviews[i][c[0]:c[1], c[2]:c[3]]  # type: ignore[index]
+                    target.copy_(g.reshape(target.shape))
         return (None, None, None, None, None, *buffers)
 
 

@@ -42,7 +42,7 @@ def _values_and_grads(z, w, y, T, chunk):
     return torch.stack([v.detach() for v in values]), torch.autograd.grad(total, [*z, w])
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 5, 100])
+@pytest.mark.parametrize("chunk", [1, 3, 5, 7, 15, 100])  # in-row chunks, whole rows, row groups
 @pytest.mark.parametrize("T", [1.0, 2.5])
 def test_terms_equal_unchunked_values_and_gradients(chunk, T):
     z, y = _leaves(), _labels()
@@ -79,7 +79,7 @@ def test_half_precision_logits_get_gradients_of_their_dtype():
 
 def test_auto_selection_threshold(monkeypatch):
     tokens = torch.zeros(1, 4096, dtype=torch.long)
-    assert resolve_chunk("auto", tokens, 152064, 4) == token_chunks.AUTO_CHUNK_ELEMENTS // 152064
+    assert resolve_chunk("auto", tokens, 152064, 4) == token_chunks.AUTO_CHUNK_ELEMENTS // (152064 * 4)
     small = torch.zeros(2, 16, dtype=torch.long)
     assert resolve_chunk("auto", small, 100, 4) is None  # 12,800 elements: below the threshold
     classes = torch.zeros(10**6, dtype=torch.long)
@@ -105,7 +105,7 @@ def test_compiles_with_fullgraph_and_matches_eager():
     z, y = _leaves(k=2, vocab=9), _labels(vocab=9)
 
     def loss(a, b):
-        r = chunked_terms([a, b], [], [(b, a, True), (a, b, False)], y, temperature=2.0, chunk=3)
+        r = chunked_terms([a, b], [], [(b, a, True), (a, b, False)], y, temperature=2.0, chunk=14)  # 2 chunks
         return sum(r.ce) + 0.5 * sum(r.kd)
 
     eager = loss(*z)
@@ -204,3 +204,24 @@ def test_online_kd_default_is_auto_and_checked(fake_model):
     assert OnlineKD(fake_model(num_leaves=2)).token_chunk == "auto"
     with pytest.raises(TokenChunkError, match="token_chunk must be"):
         OnlineKD(fake_model(num_leaves=2), token_chunk=0)
+
+
+@pytest.mark.slow  # ~40 s of tracing on a loaded 2-core machine
+def test_online_kd_call_compiles_with_chunks(fake_model, output):
+    """The whole loss call (teacher built by the aggregator, chunked terms, ramp tensor) in one graph."""
+    from branchify.aggregators import Mean
+    from branchify.online_kd import OnlineKD
+
+    out = output(k=3, tokens=5)
+    y = torch.randint(0, 5, (6, 5), generator=torch.Generator().manual_seed(0))
+    y[1, 3:] = -100
+    model = fake_model(num_leaves=3)
+    okd = OnlineKD(model, Mean(detach=False), temperature=2.0, token_chunk=10)  # 3 chunks of 2 rows
+    loss = lambda logits: okd(model(type(out)(logits, out.features, out.feature_maps, out.cuts,  # noqa: E731
+                                              out.leaf_paths)), y).total
+    eager = loss(out.logits)
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)(out.logits)
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)
+    ref = torch.autograd.grad(eager, out.logits)
+    for g, r in zip(torch.autograd.grad(compiled, out.logits), ref):
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-7)
