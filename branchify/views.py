@@ -15,7 +15,8 @@ tree's usual ``trunk + branches``; :func:`views_cost` computes it and ``describe
 In eval mode (deployment, evaluation) every leaf sees the input as given and the tree runs once.
 
 ``out.cuts[p]`` (what ONE's gate reads) is the activation of the first leaf under ``p``, i.e. on
-that leaf's view. Without views nothing here runs: the default forward is unchanged.
+that leaf's view. The paths run one call per replica (no vmapped sibling groups: their inputs
+differ). Without views nothing here runs: the default forward is unchanged.
 
 Helpers: :func:`stacked` for loaders that already yield one view per leaf (``[B, K, ...]``, the
 references' data loaders) and :func:`crop_flip` (per-sample random crop with zero padding and
