@@ -223,7 +223,9 @@ class CodistillPeer:
             if shared_x is not None:
                 pack["inputs"] = tensor_fingerprint(shared_x).cpu().reshape(1)
             return {"logits": pack}
-        return {"weights": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}}
+        state = self.model.state_dict()  # FSDP2 shards are DTensors: every rank gathers them whole
+        return {"weights": {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().clone()
+                            for k, v in state.items()}}
 
     def absorb(self, payloads: dict[int, dict[str, Any]]) -> None:
         """Take the peers' payloads (``{group: payload}``); the teacher set becomes their groups."""

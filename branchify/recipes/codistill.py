@@ -32,6 +32,7 @@ from torch import nn
 from branchify.distributed.codistill import CodistillOptions, CodistillPeer, allreduce_bytes, exchange_due
 from branchify.distributed.env import comm_device
 
+from . import codistill_fsdp as fsdp
 from . import ddp
 from .checkpoint import TrainState, save_checkpoint
 from .config import RunConfig
@@ -39,7 +40,7 @@ from .train import _loaders, _lr_lambda, _resume, _set_train, evaluate, save_exp
 from .zoo import build_model
 
 #: method_args keys the codistillation recipe reads besides :class:`CodistillOptions` fields.
-EXTRA_KEYS = ("models", "via")
+EXTRA_KEYS = ("models", "via", "parallel")
 
 
 def group_seed(seed: int, group: int) -> int:
@@ -90,6 +91,8 @@ class GroupContext:
     dp_group: Any
     transport: Any
     say: Callable[[str], None] = print
+    dp_mesh: Any = None  # the group's 1-D "dp" DeviceMesh (FSDP2 shards over it)
+    lockstep: bool = False  # all groups in one job (collective transport): they must resume together
 
     @property
     def dp_rank(self) -> int:
@@ -107,6 +110,26 @@ def _wrap(model: nn.Module, ctx: GroupContext, device: torch.device) -> nn.Modul
 
     ids = [device.index] if device.type == "cuda" else None
     return DDP(model, device_ids=ids, process_group=ctx.dp_group)
+
+
+def _check_same_start(start: int, group: int) -> None:
+    """Groups that exchange through collectives must resume from the same epoch: otherwise one
+    group would finish while the others still wait in its collectives. Fails on every rank."""
+    from branchify.distributed.codistill import CodistillError
+    from branchify.distributed.env import gather_objects
+
+    starts = gather_objects((group, start))
+    if len({s for _, s in starts}) > 1:
+        where = ", ".join(f"group {g}: epoch {s}" for g, s in sorted(set(starts)))
+        raise CodistillError(f"the groups' checkpoints are at different epochs ({where}); a via=collective run "
+                             f"resumes all groups together from one epoch. Use via=files, where each group "
+                             f"resumes on its own, or train into a fresh --out")
+
+
+def _gathered(state: TrainState) -> TrainState:
+    """The whole model and optimizer state of a sharded group, gathered on every rank (to save)."""
+    return TrainState(fsdp.Gathered(state.model.state_dict()), fsdp.Gathered(state.optimizer.state_dict()),
+                      state.scheduler, None)
 
 
 def _shared_loader(loader, options: CodistillOptions, seed: int):
@@ -135,18 +158,26 @@ def train_group(cfg: RunConfig, out: Path, ctx: GroupContext, *, resume: bool,
 
     torch.manual_seed(cfg.seed + g)
     model = build(g).to(device)
+    sharded = cfg.method_args.get("parallel", "ddp") == "fsdp2" and ctx.dp_size > 1
+    if sharded:
+        fsdp.shard(model, ctx.dp_mesh)  # before the optimizer, which then holds the shards
     peer = CodistillPeer(model, g, options, build)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                           weight_decay=cfg.weight_decay)
     steps = len(train_loader) if cfg.max_steps is None else min(cfg.max_steps, len(train_loader))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps))
     state = TrainState(model, opt, sched, None)
+    io_state = state  # what checkpoints read and write; sharded: whole tensors, loaded into / gathered from shards
+    if sharded:
+        io_state = TrainState(fsdp.ShardedState(model), fsdp.ShardedState(model, opt), sched, None)
     ckpt = out / "checkpoints" / f"codistill-g{g}.pt"
-    start, history, elapsed = _resume(cfg, state, ckpt, resume, device)
+    start, history, elapsed = _resume(cfg, io_state, ckpt, resume, device)
+    if ctx.lockstep:
+        _check_same_start(start, g)
     if start and main:
         ctx.say(f"group {g} resumes after epoch {start}")
         log({"event": "resume", "group": g, "from_epoch": start})
-    net = _wrap(model, ctx, device)
+    net = model if sharded else _wrap(model, ctx, device)
     ar = allreduce_bytes(model, ctx.dp_size)
     t0 = time.perf_counter() - elapsed
     metrics = next((h for h in reversed(history) if "target_acc" in h), None)
@@ -160,22 +191,27 @@ def train_group(cfg: RunConfig, out: Path, ctx: GroupContext, *, resume: bool,
                        "bytes/in_group_allreduce_per_step": ar["ring_bytes_per_rank"],
                        "bytes/cross_group_sent": ctx.transport.sent,
                        "bytes/cross_group_received": ctx.transport.received})
-        if main and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-            metrics = evaluate(model, test_loader, device, cfg.amp, 0, cfg.test_subset)
+        if (main or sharded) and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+            metrics = evaluate(model, test_loader, device, cfg.amp, 0, cfg.test_subset)  # sharded: every rank
             _set_train(model, cfg.freeze_bn)
             record.update(metrics)
         history.append(record)
+        saved = _gathered(io_state) if sharded else state
         if main:
             log({"method": "codistill", **record})
-            save_checkpoint(ckpt, cfg=cfg, state=state, epoch=epoch + 1, history=history,
+            save_checkpoint(ckpt, cfg=cfg, state=saved, epoch=epoch + 1, history=history,
                             train_seconds=time.perf_counter() - t0)
     if options.exchange == "weights":  # finished: its final weights keep teaching the others
         ctx.transport.publish(cfg.epochs * steps, peer.snapshot(), final=True)
     result = {"group": g, "model": models[g], "epochs": cfg.epochs, "steps_per_epoch": steps,
               "resumed_from_epoch": start, "teachers_at_end": peer.live, "train_seconds": time.perf_counter() - t0,
               "history": history, "allreduce": ar, **(metrics or {})}
+    whole = fsdp.full_model_state(model) if sharded else None
     if main:
-        result["exported_path"] = str(save_exported(model.eval(), cfg.replace(model=models[g]), meta,
+        deployed = model if whole is None else build(g)
+        if whole is not None:
+            deployed.load_state_dict(whole, strict=True)
+        result["exported_path"] = str(save_exported(deployed.eval(), cfg.replace(model=models[g]), meta,
                                                     out / "exported" / f"group{g}"))
         ctx.say(f"group {g} finished: {cfg.epochs} epochs, accuracy {result.get('target_acc', float('nan')):.2f}%, "
                 f"teachers at the end {peer.live} of {[h for h in range(options.groups) if h != g]}")

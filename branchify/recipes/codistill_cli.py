@@ -8,7 +8,9 @@
 the CPU, nccl on CUDA). Options beyond the flags go through ``--set method_args.KEY=VALUE``:
 ``exchange`` (``weights`` | ``logits``), ``topk``, ``shared_batch``, ``temperature``,
 ``kd_weight``, ``aggregator`` (``pairwise`` = DML, ``peer_mean``, ``mean``), ``max_stale``,
-``wait_s``, ``models`` (one architecture per group) and ``via``:
+``wait_s``, ``burn_in``, ``models`` (one architecture per group), ``parallel`` (inside each group:
+``ddp``, or ``fsdp2`` to shard the model with ``fully_shard``, see
+:mod:`branchify.recipes.codistill_fsdp`) and ``via``:
 
 * ``via=files`` (default, fault tolerant): one ``torchrun`` job per group, each with its own
   process group; the groups exchange through snapshots in ``<out>/exchange/``. A group that
@@ -76,6 +78,9 @@ def plan_of(args: argparse.Namespace, plan_from_args: Callable) -> tuple[RunPlan
     models_of(cfg, options.groups)
     if extra.get("via", "files") not in ("files", "collective"):
         raise CodistillError(f"method_args.via must be 'files' or 'collective', got {extra['via']!r}")
+    if extra.get("parallel", "ddp") not in ("ddp", "fsdp2"):
+        raise CodistillError(f"method_args.parallel must be 'ddp' or 'fsdp2' (inside each group), got "
+                             f"{extra['parallel']!r}")
     return RunPlan(cfg, ["codistill"], [cfg.seed]), out, resume
 
 
@@ -189,7 +194,7 @@ def _worker(plan: RunPlan, out: Path, resume: bool, via: str, group: int | None,
                 append_log(out, {"event": "codistill", "group": group, "message": line})
 
         transport.on_event = say
-        ctx = GroupContext(group, dp, transport, say)
+        ctx = GroupContext(group, dp, transport, say, dp_mesh=mesh["dp"], lockstep=via == "collective")
         result = train_group(cfg, out, ctx, resume=resume, log=lambda r: append_log(out, r))
         if main_rank:
             atomic_write_text(out / "results" / f"group{group}.json", json.dumps(result, indent=2, default=float))

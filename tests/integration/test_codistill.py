@@ -99,11 +99,12 @@ def _reference(cfg: RunConfig, kd: bool, shared_batch: int | None = None) -> lis
     return [n.state_dict() for n in nets]
 
 
-def test_two_groups_of_two_gloo_ranks_at_k1_equal_two_models_distilling_in_one_process(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_two_groups_of_two_gloo_ranks_at_k1_equal_two_models_distilling_in_one_process(tmp_path, parallel):
     out = tmp_path / "collective"
     t0 = time.monotonic()
     argv = [*FLAGS, "--codistill", "2", "--exchange-every", "1", "--epochs", "2", "--set", "method_args.via=collective",
-            "--out", str(out)]
+            "--set", f"method_args.parallel={parallel}", "--out", str(out)]
     run_ranks(_collective_rank, (argv,), nprocs=4, timeout=120)
     seconds = time.monotonic() - t0
     cfg = RunConfig.from_dict(json.loads((out / "run.json").read_text())["config"])
@@ -112,9 +113,15 @@ def test_two_groups_of_two_gloo_ranks_at_k1_equal_two_models_distilling_in_one_p
         got = load_file(out / "exported" / f"group{g}" / "model.safetensors")
         assert got.keys() == want[g].keys()
         for k in got:
-            torch.testing.assert_close(got[k], want[g][k], atol=2e-6, rtol=0, msg=f"group {g}: {k}")
+            torch.testing.assert_close(got[k], want[g][k], atol=2e-6, rtol=0,
+                                       msg=lambda m, g=g, k=k: f"group {g}: {k}: {m}")
         gap = max((want[g][k].float() - plain[g][k].float()).abs().max().item() for k in got)
         assert gap > 1e-5, f"distillation changed group {g} by only {gap}: the comparison would prove nothing"
+        ckpt = torch.load(out / "checkpoints" / f"codistill-g{g}.pt", weights_only=True)  # whole tensors
+        assert all(torch.equal(ckpt["model"][k], got[k]) for k in got) and ckpt["epoch"] == 2
+        momenta = [v["momentum_buffer"] for v in ckpt["optimizer"]["state"].values()]
+        assert sorted(m.numel() for m in momenta) == sorted(t.numel() for k, t in got.items() if "running" not in k
+                                                            and "num_batches" not in k)
     summary = json.loads((out / "results.json").read_text())
     assert [r["teachers_at_end"] for r in summary["groups"]] == [[1], [0]]
     params = sum(t.numel() for k, t in want[0].items() if "running" not in k and "num_batches" not in k)
@@ -123,7 +130,7 @@ def test_two_groups_of_two_gloo_ranks_at_k1_equal_two_models_distilling_in_one_p
     assert summary["groups"][0]["allreduce"]["gradient_bytes"] == 4 * params
     assert "ensemble (mean softmax)" in (out / "summary.md").read_text()
     assert any("all 2 groups finished" in e for e in _events(out))
-    print(f"codistill K=1 2x2 gloo run: {seconds:.1f} s")
+    print(f"codistill K=1 2x2 gloo run ({parallel}): {seconds:.1f} s")
 
 
 def test_logits_mode_through_files_2x2_equals_two_models_distilling_on_the_shared_batches(tmp_path):
@@ -145,11 +152,51 @@ def test_logits_mode_through_files_2x2_equals_two_models_distilling_on_the_share
     for g in range(2):
         got = load_file(out / "exported" / f"group{g}" / "model.safetensors")
         for k in got:
-            torch.testing.assert_close(got[k], want[g][k], atol=2e-6, rtol=0, msg=f"group {g}: {k}")
+            torch.testing.assert_close(got[k], want[g][k], atol=2e-6, rtol=0,
+                                       msg=lambda m, g=g, k=k: f"group {g}: {k}: {m}")
         assert max((want[g][k] - plain[g][k]).abs().max().item() for k in got if k in plain[g]) > 1e-5
     history = json.loads((out / "results.json").read_text())["groups"][0]["history"]
     per_step = 2 * (10 * 4 + 10 * 8 + 4) + 8  # rank 0's 2 images: values, int64 indices, lse; the fingerprint
     assert history[-1]["bytes/cross_group_received"] == 6 * per_step  # 2 epochs x 3 steps
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_a_2x2_run_killed_after_a_checkpoint_resumes_to_the_same_models(tmp_path, parallel):
+    out = tmp_path / parallel
+    argv = [*FLAGS, "--codistill", "2", "--exchange-every", "1", "--epochs", "4", "--set", "method_args.via=collective",
+            "--set", f"method_args.parallel={parallel}", "--out", str(out)]
+    fork, port = mp.get_context("fork"), free_port()
+    ranks = [fork.Process(target=_collective_rank, args=(r, port, argv)) for r in range(4)]
+    for p in ranks:
+        p.start()
+    ckpts = [out / "checkpoints" / f"codistill-g{g}.pt" for g in (0, 1)]
+    try:  # kill when both groups have checkpointed the same epoch (lockstep keeps them within one)
+        t0 = time.monotonic()
+        while len(epochs := {torch.load(c, weights_only=True)["epoch"] for c in ckpts if c.exists()}) != 1 \
+                or not all(c.exists() for c in ckpts):
+            assert all(p.is_alive() for p in ranks) and time.monotonic() - t0 < 90, "no common checkpoint"
+            time.sleep(0.005)
+    finally:
+        for p in ranks:
+            p.kill()
+            p.join()
+    epochs = [torch.load(c, weights_only=True)["epoch"] for c in ckpts]
+    assert max(epochs) < 4, "the run ended before it was killed: nothing was resumed"
+    resume = (["--resume", str(out), "--no-progress", "--threads", "1"],)
+    if epochs[0] != epochs[1]:  # the rare kill between the two groups' saves: refused on every rank, no hang
+        with pytest.raises(Exception, match="exited with exit code 2"):
+            run_ranks(_collective_rank, resume, nprocs=4, timeout=60)
+        pytest.skip(f"killed between the groups' checkpoints ({epochs}); the resume was refused as it must be")
+    run_ranks(_collective_rank, resume, nprocs=4, timeout=120)
+    cfg = RunConfig.from_dict(json.loads((out / "run.json").read_text())["config"])
+    want, plain = _reference(cfg, kd=True), _reference(cfg, kd=False)
+    for g in range(2):  # 12 steps: float32 summation-order drift reaches ~2e-6, distillation moves ~1e-3
+        got = load_file(out / "exported" / f"group{g}" / "model.safetensors")
+        for k in got:
+            torch.testing.assert_close(got[k], want[g][k], atol=1e-5, rtol=0,
+                                       msg=lambda m, g=g, k=k: f"group {g}: {k}: {m}")
+        assert max((want[g][k] - plain[g][k]).abs().max().item() for k in got) > 1e-4
+    assert any(e.startswith("group 0 resumes after epoch") for e in _events(out))
 
 
 def _group(group: int, argv: list[str]) -> mp.Process:
