@@ -37,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Sequence
 
 import torch
@@ -48,6 +49,7 @@ from .errors import BranchifyError
 __all__ = ["FusionError", "coefficients", "fuse_back", "hybrid_state", "leaf_states", "schedule", "soup"]
 
 COEFFICIENTS = ("mean", "dirichlet")
+_EXPECTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> leaf -> original state keys
 
 
 class FusionError(BranchifyError, ValueError):
@@ -87,7 +89,10 @@ def _tree_leaf_state(model: Any, leaf: int) -> dict[str, torch.Tensor]:
     from .surgery.batched import model_key
 
     path = model.leaf_paths[leaf]
-    expected = model._export_skeleton(leaf).state_dict()
+    cached = _EXPECTED.setdefault(model, {})
+    if leaf not in cached:  # the original's state_dict keys (building the skeleton is not per-batch work)
+        cached[leaf] = list(model._export_skeleton(leaf).state_dict())
+    expected = cached[leaf]
     out: dict[str, torch.Tensor] = {}
     for depth in range(len(path) + 1):
         for k, v in model.segments[model_key(path[:depth])].state_dict(keep_vars=True).items():

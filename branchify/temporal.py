@@ -67,7 +67,7 @@ from .outputs import BranchedOutput
 __all__ = ["TemporalMean", "TemporalMeanError"]
 
 BUFFER_MODES = ("own", "copy")
-SKIP = ("aggregator.", "temporal.")  # owner submodules the copy does not hold
+SKIP = ("aggregator.", "temporal.", "fusion.")  # owner submodules the copy does not hold
 
 
 class TemporalMeanError(BranchifyError, ValueError):
@@ -138,12 +138,14 @@ class TemporalMean(nn.Module):
         if model._modules.get("temporal") is not None:
             raise TemporalMeanError("the model already has a temporal-mean teacher (model.temporal); remove it "
                                     "first with model.temporal = None")
-        agg = model.aggregator
-        model.aggregator = None
+        parts = {k: model._modules[k] for k in ("aggregator", "fusion") if k in model._modules}  # not leaves
+        for k in parts:
+            model._modules[k] = None
         try:
             ema_model = copy.deepcopy(model)
         finally:
-            model.aggregator = agg
+            for k, v in parts.items():
+                model._modules[k] = v
         ema_model.requires_grad_(False)
         ema_model.train(model.training)
         object.__setattr__(self, "model", ema_model)

@@ -200,3 +200,15 @@ def test_options_are_checked():
         WeightFusion(gamma=2)
     with pytest.raises(FusionError, match="not attached"):
         WeightFusion().fuse()
+
+
+def test_a_temporal_mean_and_a_hybrid_on_one_model(one_thread):
+    bm = _tree(fanout=2)
+    WeightFusion(fuse_every=None).attach(bm)
+    ema = bf.TemporalMean(0.5).attach(bm)
+    assert ema.model._modules.get("fusion") is None  # the EMA copies the leaves only
+    opt = torch.optim.SGD(bm.parameters(), lr=0.1)
+    out = _train_step(bm, opt, 0)
+    assert out.hybrid is not None and out.temporal is not None
+    sd = bm.state_dict()
+    assert not any(k.startswith("temporal.model.fusion.") for k in sd) and "fusion.model.fc.weight" in sd
