@@ -14,6 +14,42 @@ def _per_sample(weight: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], *([1] * (like.dim() - 1)))
 
 
+def _next_block(gm: nn.Module, layer: str) -> str | None:
+    """The module after the one holding ``layer`` (its next sibling, or that sibling's first child):
+    ``layers.3.downsample.norm`` -> ``layers.3.blocks.0``."""
+    parts = layer.split(".")
+    for depth in range(len(parts) - 1, 0, -1):
+        parent, owner = ".".join(parts[:depth - 1]), parts[depth - 1]
+        names = [n for n, _ in gm.get_submodule(parent).named_children()]
+        if owner in names and names.index(owner) + 1 < len(names):
+            block = ".".join(p for p in (parent, names[names.index(owner) + 1]) if p)
+            first = next(iter(gm.get_submodule(block).named_children()), None)
+            return f"{block}.{first[0]}" if first is not None else block
+    return None
+
+
+def _check_cut_readable(model, cut: tuple[int, ...]) -> None:
+    """Raise when the first layer reading ``cuts[cut]`` reads it reshaped (its width need not be the cut's)."""
+    from branchify.surgery.batched import model_key
+    from branchify.surgery.widths import regrouped_width
+
+    layout, segments = getattr(model, "layout", None), getattr(model, "segments", None)
+    children = getattr(layout, "children", {}).get(cut) if segments is not None else None
+    if not children or layout.cut_names[len(children[0])] is None:
+        return
+    gm = segments[model_key(children[0])]
+    found = regrouped_width(gm, layout.cut_names[len(children[0])])
+    if found is None:
+        return
+    width, layer, reshape = found
+    block = _next_block(gm, layer) if "." in layer else None
+    where = f"split={block!r}" if block else "split=<a block after that reshape>"
+    raise AggregatorError(
+        f"Gate cannot tell the channels of cuts[{cut}]: the first layer reading it ({layer}, {width} wide) "
+        f"reads it through a reshape ({reshape}) that regroups its channels, so {width} need not be its "
+        f"width. Cut after that layer's module instead ({where}), or give the width: Gate(channels=<C>)")
+
+
 class Gate(Aggregator):
     """ONE (Lan et al. 2018): gate on the shared trunk activation, teacher = gated sum of logits.
 
@@ -51,6 +87,7 @@ class Gate(Aggregator):
 
     def _bind_sizes(self, model) -> None:
         if self.channels is None:
+            _check_cut_readable(model, self.cut)
             self.channels = _model_attr(model, "cut_channels", self.cut)
 
     def _build_if_ready(self) -> None:

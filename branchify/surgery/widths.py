@@ -63,31 +63,80 @@ def _function_width(gm: fx.GraphModule, node: fx.Node) -> int | None:
     return None
 
 
-def consumer_width(gm: fx.GraphModule, name: str) -> int | None:
-    """Input width of the first sized layer reading the value ``name`` in ``gm``; ``None`` if unknown."""
+def _flattens_to_rows(node: fx.Node) -> bool:
+    """``x.flatten(1)`` / ``x.view(B, -1)``: the pool-then-flatten idiom, which keeps a pooled map's channels."""
+    rest = node.args[1:]
+    if node.target in ("flatten", torch.flatten):
+        start = node.kwargs.get("start_dim", rest[0] if rest else 0)
+        return start == 1 and node.kwargs.get("end_dim", rest[1] if len(rest) > 1 else -1) == -1
+    sizes = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+    return len(sizes) == 2 and sizes[1] == -1
+
+
+def _regroups(node: fx.Node) -> bool:
+    """A reshape that may move values between the channel dim and the others (timm Swin's patch merging
+    ``reshape(B, H/2, 2, W/2, 2, C).permute(...).flatten(3)`` makes ``4C`` channels of ``C``)."""
+    method = node.op == "call_method" and node.target in ("reshape", "view", "flatten", "unflatten")
+    function = node.op == "call_function" and node.target in (torch.reshape, torch.flatten, torch.unflatten)
+    return (method or function) and not _flattens_to_rows(node)
+
+
+def _sized_consumer(gm: fx.GraphModule, name: str) -> tuple[int, fx.Node, fx.Node | None] | None:
+    """``(width, layer node, first regrouping reshape on the way or None)`` of the first sized layer
+    reading ``name`` (breadth first), or ``None``."""
     start = next((n for n in gm.graph.nodes if n.name == name), None)
     if start is None:
         return None
-    queue, seen = deque([start]), {start}
+    queue, seen = deque([(start, None)]), {start}
     while queue:
-        node = queue.popleft()
+        node, crossed = queue.popleft()
         for user in node.users:
             if user in seen:
                 continue
             seen.add(user)
+            width = None
             if user.op == "call_module":
                 width = module_width(gm.get_submodule(str(user.target)))
-                if width is not None:
-                    return width
             elif user.op == "call_function":
                 width = _function_width(gm, user)
-                if width is not None:
-                    return width
-                if user.target in _MERGES and len([a for a in user.all_input_nodes if a.op != "get_attr"]) > 1:
+                if width is None and user.target in _MERGES and \
+                        len([a for a in user.all_input_nodes if a.op != "get_attr"]) > 1:
                     continue  # beyond a merge the width may be another value's
+            if width is not None:
+                return width, user, crossed
             if user.op != "output":
-                queue.append(user)
+                queue.append((user, crossed or (user if _regroups(user) else None)))
     return None
+
+
+def consumer_width(gm: fx.GraphModule, name: str) -> int | None:
+    """Input width of the first sized layer reading the value ``name`` in ``gm``; ``None`` if unknown."""
+    found = _sized_consumer(gm, name)
+    return None if found is None else found[0]
+
+
+def regrouped_width(gm: fx.GraphModule, name: str) -> tuple[int, str, str] | None:
+    """``(width, layer, reshape)`` when the first sized layer reading ``name`` reads it through a reshape
+    that may regroup its channels (so that layer's width need not be the value's); else ``None``.
+
+    Examples:
+        >>> class Merge(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.norm = nn.LayerNorm(16)
+        ...     def forward(self, x):  # [B, H, W, C] -> [B, H/2, W/2, 4C]
+        ...         b, h, w, c = x.shape
+        ...         return self.norm(x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3))
+        >>> regrouped_width(fx.symbolic_trace(Merge()), "x")
+        (16, 'norm', 'reshape')
+        >>> regrouped_width(fx.symbolic_trace(nn.Sequential(nn.Flatten(), nn.Linear(4, 2))), "input_1") is None
+        True
+    """
+    found = _sized_consumer(gm, name)
+    if found is None or found[2] is None:
+        return None
+    width, layer, crossed = found
+    return width, str(layer.target) if layer.op == "call_module" else layer.name, crossed.name
 
 
 def producer_width(gm: fx.GraphModule, name: str) -> int | None:
