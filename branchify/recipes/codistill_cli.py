@@ -206,9 +206,31 @@ def _worker(plan: RunPlan, out: Path, resume: bool, via: str, group: int | None,
     return 0
 
 
+def load_ensemble(run_dir: str | Path, groups: int | None = None) -> torch.nn.Module:
+    """Every group's exported model of a finished codistillation run, as one ensemble (the mean
+    of their softmax, a :class:`~branchify.cohort.CohortEnsemble`).
+
+    Examples:
+        >>> ens = load_ensemble("runs/codistill")          # doctest: +SKIP
+        >>> probs = ens(x)                                 # doctest: +SKIP
+    """
+    from branchify.cohort import CohortEnsemble
+
+    from .train import load_exported
+
+    run_dir = Path(run_dir)
+    if groups is None:
+        groups = options_of(read_plan(run_dir).config).groups
+    missing = [g for g in range(groups) if not (run_dir / "exported" / f"group{g}" / "model.safetensors").is_file()]
+    if missing:
+        raise RunDirError(f"{run_dir} has no exported model for group(s) {missing}: finish them first "
+                          f"(branchify-train --resume {run_dir} --group <g>)")
+    return CohortEnsemble([load_exported(run_dir / "exported" / f"group{g}") for g in range(groups)]).eval()
+
+
 def write_summary(out: Path, plan: RunPlan, say=print) -> dict[str, Any] | None:
     """Once every group has finished: the ensemble's accuracy, ``results.json`` and ``summary.md``."""
-    from .train import _loaders, load_exported
+    from .train import _loaders
 
     cfg = plan.config
     options = options_of(cfg)
@@ -220,14 +242,13 @@ def write_summary(out: Path, plan: RunPlan, say=print) -> dict[str, Any] | None:
         return None
     groups = [json.loads(f.read_text()) for f in files]
     _, test_loader, _ = _loaders(cfg.replace(device="cpu"), torch.device("cpu"))
-    nets = [load_exported(out / "exported" / f"group{g}") for g in range(options.groups)]
+    ens = load_ensemble(out, options.groups)
     correct = n = 0
     with torch.no_grad():
         for x, y in test_loader:
             if cfg.test_subset is not None and n >= cfg.test_subset:
                 break
-            probs = torch.stack([net(x).softmax(-1) for net in nets]).mean(0)
-            correct += int((probs.argmax(-1) == y).sum())
+            correct += int((ens(x).argmax(-1) == y).sum())
             n += len(y)
     ensemble = correct / n * 100
     rows = [f"| group {r['group']} ({r['model']}) | {r.get('target_acc', float('nan')):.2f} | "

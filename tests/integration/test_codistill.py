@@ -247,6 +247,15 @@ def test_a_killed_group_does_not_stop_the_other_and_rejoins_with_resume(tmp_path
     assert summary["groups"][1]["resumed_from_epoch"] == killed_at
     assert summary["groups"][1]["teachers_at_end"] == [0]
     assert [h["epoch"] for h in summary["groups"][1]["history"]] == [1, 2, 3]
+    from branchify.recipes.codistill_cli import load_ensemble
+    from branchify.recipes.train import _loaders, load_exported
+
+    cfg = RunConfig.from_dict(json.loads((out / "run.json").read_text())["config"])
+    x, _ = next(iter(_loaders(cfg, torch.device("cpu"))[1]))
+    ens = load_ensemble(out)  # the two exported models, mean of their softmax
+    members = [load_exported(out / "exported" / f"group{g}") for g in range(2)]
+    want = torch.stack([m(x).softmax(-1) for m in members]).mean(0)
+    torch.testing.assert_close(ens(x), want)
 
 
 @pytest.mark.slow
