@@ -87,6 +87,9 @@ class SharedViews:
     def __deepcopy__(self, memo: dict) -> "SharedViews":
         return self
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_last": None}  # a pickled model keeps its views callable, not the last batch
+
     def draw(self, model: object, x: Any, num_leaves: int) -> list[torch.Tensor]:
         """The views of ``x`` for ``model``: fresh for the owner, the owner's last ones for a copy."""
         if id(model) != self.owner and self._last is not None and self._last[0]() is x \
@@ -195,6 +198,22 @@ def views_cost(model: "BranchedModel", flops: dict[str, int]) -> tuple[int, int]
     return with_views, sum(flops.values())
 
 
+class Stacked:
+    """Views a data loader already made: leaf ``k`` takes ``x.select(dim, k)`` (see :func:`stacked`)."""
+
+    def __init__(self, dim: int = 1) -> None:
+        self.dim = int(dim)
+
+    def __call__(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        if x.dim() <= self.dim or x.shape[self.dim] <= k:
+            raise ViewError(f"stacked(dim={self.dim}): leaf {k} needs a batch with at least {k + 1} views along dim "
+                            f"{self.dim}, got shape {tuple(x.shape)}; yield [B, K, ...] from the loader")
+        return x.select(self.dim, k).contiguous()
+
+    def __repr__(self) -> str:
+        return f"stacked(dim={self.dim})"
+
+
 def stacked(dim: int = 1) -> ViewFn:
     """Views a data loader already made: leaf ``k`` takes ``x.select(dim, k)`` of a ``[B, K, ...]`` batch
     (how the KDCL and PCL reproductions feed their peers, ``imgs[:, k]``).
@@ -203,13 +222,36 @@ def stacked(dim: int = 1) -> ViewFn:
         >>> stacked()(torch.arange(6.).view(1, 3, 2), 2).tolist()
         [[4.0, 5.0]]
     """
-    def select(x: torch.Tensor, k: int) -> torch.Tensor:
-        if x.dim() <= dim or x.shape[dim] <= k:
-            raise ViewError(f"stacked(dim={dim}): leaf {k} needs a batch with at least {k + 1} views along dim "
-                            f"{dim}, got shape {tuple(x.shape)}; yield [B, K, ...] from the loader")
-        return x.select(dim, k).contiguous()
+    return Stacked(dim)
 
-    return select
+
+class CropFlip:
+    """Per-sample random crop with zero padding and horizontal flip (see :func:`crop_flip`)."""
+
+    def __init__(self, padding: int = 4, flip: bool = True) -> None:
+        if padding < 0:
+            raise ViewError(f"crop_flip(padding={padding}) must be >= 0")
+        self.padding, self.flip = int(padding), bool(flip)
+
+    def __call__(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ViewError(f"crop_flip expects an image batch [B, C, H, W], got shape {tuple(x.shape)}")
+        b, _, h, w = x.shape
+        pad = self.padding
+        padded = nn.functional.pad(x, (pad,) * 4)
+        dy = torch.randint(0, 2 * pad + 1, (b,), device=x.device)
+        dx = torch.randint(0, 2 * pad + 1, (b,), device=x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        if self.flip:
+            mirror = torch.rand(b, device=x.device) < 0.5
+            cols = torch.where(mirror[:, None, None, None], cols.flip(-1), cols)
+        idx = torch.arange(b, device=x.device)[:, None, None, None]
+        chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        return padded[idx, chans, rows, cols]
+
+    def __repr__(self) -> str:
+        return f"crop_flip(padding={self.padding}, flip={self.flip})"
 
 
 def crop_flip(padding: int = 4, flip: bool = True) -> ViewFn:
@@ -222,23 +264,4 @@ def crop_flip(padding: int = 4, flip: bool = True) -> ViewFn:
         >>> tuple(v.shape)
         (3, 1, 5, 5)
     """
-    if padding < 0:
-        raise ViewError(f"crop_flip(padding={padding}) must be >= 0")
-
-    def view(x: torch.Tensor, k: int) -> torch.Tensor:
-        if x.dim() != 4:
-            raise ViewError(f"crop_flip expects an image batch [B, C, H, W], got shape {tuple(x.shape)}")
-        b, _, h, w = x.shape
-        padded = nn.functional.pad(x, (padding,) * 4)
-        dy = torch.randint(0, 2 * padding + 1, (b,), device=x.device)
-        dx = torch.randint(0, 2 * padding + 1, (b,), device=x.device)
-        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-        if flip:
-            mirror = torch.rand(b, device=x.device) < 0.5
-            cols = torch.where(mirror[:, None, None, None], cols.flip(-1), cols)
-        idx = torch.arange(b, device=x.device)[:, None, None, None]
-        chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
-        return padded[idx, chans, rows, cols]
-
-    return view
+    return CropFlip(padding, flip)

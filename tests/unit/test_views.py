@@ -104,6 +104,16 @@ def test_the_owner_draws_fresh_views_and_a_copy_reuses_them(tiny_resnet, one_thr
     assert seen == [0, 1, 2] * 2
 
 
+def test_a_model_with_views_pickles(tiny_resnet, one_thread, tmp_path):
+    bm = _tree(tiny_resnet).train()
+    bm.set_views(stacked())
+    bm(torch.randn(2, 3, 3, 16, 16, dtype=torch.float64))  # the owner now holds its last views
+    torch.save(bm, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    xs = torch.randn(2, 3, 3, 16, 16, dtype=torch.float64)
+    assert torch.equal(loaded(xs).logits[2], bm(xs).logits[2])
+
+
 def test_cohort_peers_get_their_own_views(one_thread):
     torch.manual_seed(0)
     peers = [nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)) for _ in range(2)]
