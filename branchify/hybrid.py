@@ -11,8 +11,8 @@ an epoch ``e`` with ``e % 1 == 0`` (the official code fuses after epoch ``e`` wh
 == 0``, ``src/OKDPH.py`` lines 137-141); ``"5_batch"`` after every optimiser step ``s`` (counted
 from 0 over the run) with ``s % 5 == 0`` (the code counts batches within each epoch, lines 101-103:
 the same whenever the epoch length is a multiple of the gap), applied at the start of the next
-forward (steps are seen through the parameters' version counters, as
-:class:`~branchify.temporal.TemporalMean` does). An epoch schedule without any epoch given fails
+forward (steps are seen by a :class:`~branchify.steps.StepWatch`, as
+:class:`~branchify.temporal.TemporalMean` sees them). An epoch schedule without any epoch given fails
 loudly at the first training forward.
 
 The hybrid network itself (a module of the original class, hidden from ``parameters()``) keeps the
@@ -41,6 +41,7 @@ from torch import nn
 from .contract import LeafModel
 from .fusion import COEFFICIENTS, FusionError, _template, coefficients, fuse_back, hybrid_state, leaf_states, schedule
 from .outputs import BranchedOutput, classifier_logits
+from .steps import StepWatch
 
 __all__ = ["WeightFusion"]
 
@@ -82,7 +83,7 @@ class WeightFusion(nn.Module):
         self.register_buffer("pending", torch.zeros((), dtype=torch.bool))  # a step not yet counted (saved)
         object.__setattr__(self, "_owner", None)
         object.__setattr__(self, "model", None)  # the hybrid network: hidden from parameters() and DDP
-        self._seen: list[tuple[int, int]] | None = None
+        self._watch: StepWatch | None = None
         self._built = False  # a hybrid was built (or loaded): there is something to fuse back
         self.last_coefficients: list[float] | None = None
 
@@ -106,9 +107,14 @@ class WeightFusion(nn.Module):
         hybrid.requires_grad_(False)
         object.__setattr__(self, "model", hybrid.train(model.training))
         object.__setattr__(self, "_owner", model)
+        self._watch = StepWatch(self)
         model.fusion = self
         model.register_forward_pre_hook(_before_forward)
         return self
+
+    def watched_params(self) -> list[torch.Tensor]:
+        """The leaves' parameters, whose optimiser steps the batch schedule counts."""
+        return [p for name, p in self._require_owner().named_parameters() if not name.startswith("aggregator.")]
 
     def _require_owner(self) -> LeafModel:
         if self._owner is None:
@@ -156,7 +162,7 @@ class WeightFusion(nn.Module):
         """
         owner = self._require_owner()
         fuse_back(leaf_states(owner), self.model.state_dict(keep_vars=True), self.gamma if gamma is None else gamma)
-        self._seen = _versions(owner)  # the fused weights are not an optimiser step
+        self._watch.mark_seen()  # the fused weights are not an optimiser step
 
     # ------------------------------------------------------------------ the schedule
     def on_epoch(self, epoch: float, total_epochs: int | None = None) -> bool:
@@ -181,16 +187,13 @@ class WeightFusion(nn.Module):
     @torch.compiler.disable
     def _batch_schedule(self) -> None:
         """Before a training forward: count an optimiser step if the weights moved; fuse by batch."""
-        owner = self._require_owner()
-        seen = _versions(owner)
-        if bool(self.pending) or self._seen is not None and seen != self._seen:
+        stepped = self._watch.stepped()  # always asked: it also takes the current weights as seen
+        if stepped or bool(self.pending):
             self.pending.fill_(False)
             step = int(self.steps)
             self.steps += 1
             if self.every is not None and self.every[1] == "batch" and step % self.every[0] == 0:
                 self.fuse()
-                return
-        self._seen = seen
 
     # ------------------------------------------------------------------ nn.Module plumbing
     def train(self, mode: bool = True) -> "WeightFusion":
@@ -203,13 +206,13 @@ class WeightFusion(nn.Module):
         super()._apply(fn, recurse)
         if self.model is not None:
             self.model._apply(fn, recurse)
-            self._seen = None
+            self._watch.forget()
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if self._owner is not None and self._seen is not None and _versions(self._owner) != self._seen:
+        if self._watch is not None and self._watch.pending():
             self.pending.fill_(True)  # stepped since the last forward: counted after a resume too
-            self._seen = _versions(self._owner)
+            self._watch.mark_seen()
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.model is not None:
             for k, v in self.model.state_dict(keep_vars=keep_vars).items():
@@ -227,15 +230,11 @@ class WeightFusion(nn.Module):
                                              if k.startswith(inner)}, strict=False)
         missing_keys.extend(inner + k for k in result.missing_keys)
         unexpected_keys.extend(inner + k for k in result.unexpected_keys)
-        self._seen = None
+        self._watch.forget()
         self._built = True
 
     def extra_repr(self) -> str:
         return f"coefficients={self.kind!r}, grad={self.grad}, gamma={self.gamma}, fuse_every={self.every}"
-
-
-def _versions(owner: nn.Module) -> list[tuple[int, int]]:
-    return [(id(p), p._version) for name, p in owner.named_parameters() if not name.startswith("aggregator.")]
 
 
 def _before_forward(model: nn.Module, _args: Any) -> None:

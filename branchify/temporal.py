@@ -29,10 +29,12 @@ teacher a forward sees therefore includes every optimiser step taken before it, 
 update right after ``optimizer.step()``; only its bookkeeping runs one step later, and the
 flushes make that invisible to checkpoints and exports. Several steps without a forward in
 between count as one update; gradient accumulation (several forwards per step) counts one.
-Chosen over an optimiser step post-hook, which would need the optimiser (a line a user can
-forget, or a global hook on every optimiser of the process) and misses hand-written updates;
-the version counters see any in-place change of the weights, whoever makes it. Changing weights
-with ``.data`` (invisible to version counters) is not seen - use ``update()`` then.
+Why not only an optimiser step post-hook: per optimiser it needs the optimiser (a line a user
+can forget) and it misses hand-written updates; version counters see any in-place change of the
+weights, whoever makes it. But ``fused=True`` optimisers write without bumping version counters,
+so a process-wide ``torch.optim`` step post-hook flags the steps of any optimiser holding these
+weights as well (:class:`~branchify.steps.StepWatch`). Only writes through ``.data`` escape both:
+call ``update()`` then.
 
 Distributed: under DDP every rank applies the same update to the same weights (the copy is not a
 parameter, so DDP neither reduces nor broadcasts it). An FSDP2-sharded model is refused with an
@@ -63,6 +65,7 @@ from torch import nn
 from .contract import LeafModel
 from .errors import BranchifyError
 from .outputs import BranchedOutput
+from .steps import StepWatch
 
 __all__ = ["TemporalMean", "TemporalMeanError"]
 
@@ -117,7 +120,7 @@ class TemporalMean(nn.Module):
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         object.__setattr__(self, "_owner", None)
         object.__setattr__(self, "model", None)  # the EMA copy: hidden from parameters() and DDP
-        self._seen: list[tuple[int, int]] | None = None
+        self._watch: StepWatch | None = None
 
     # ------------------------------------------------------------------ attaching
     def attach(self, model: LeafModel) -> "TemporalMean":
@@ -150,6 +153,7 @@ class TemporalMean(nn.Module):
         ema_model.train(model.training)
         object.__setattr__(self, "model", ema_model)
         object.__setattr__(self, "_owner", model)
+        self._watch = StepWatch(self)
         ref = next(iter(model.parameters()), None)
         if ref is not None:
             self.num_updates = self.num_updates.to(ref.device)
@@ -169,8 +173,9 @@ class TemporalMean(nn.Module):
             if not name.startswith(SKIP):
                 yield p, ema[name]
 
-    def _versions(self) -> list[tuple[int, int]]:
-        return [(id(p), p._version) for p, _ in self._pairs()]
+    def watched_params(self) -> list[torch.Tensor]:
+        """The live parameters the EMA follows (what :class:`~branchify.steps.StepWatch` watches)."""
+        return [p for p, _ in self._pairs()]
 
     # ------------------------------------------------------------------ the update
     def decay_at(self, n: int) -> float:
@@ -205,7 +210,7 @@ class TemporalMean(nn.Module):
                 if name in live:
                     b.copy_(live[name])
         self.num_updates += 1
-        self._seen = self._versions()
+        self._watch.mark_seen()
 
     @torch.compiler.disable
     def sync(self) -> bool:
@@ -217,20 +222,15 @@ class TemporalMean(nn.Module):
             >>> ema.sync()            # doctest: +SKIP
             False
         """
-        if self._owner is None:
-            return False
-        seen = self._versions()
-        if self._seen is None:  # the first look: nothing to compare with yet
-            self._seen = seen
-            return False
-        if seen == self._seen:
+        if self._owner is None or not self._watch.stepped():
             return False
         self.update()
         return True
 
     def mark_synced(self) -> None:
         """Take the current weights as already averaged (after loading a checkpoint)."""
-        self._seen = self._versions() if self._owner is not None else None
+        if self._watch is not None:
+            self._watch.mark_seen()
 
     # ------------------------------------------------------------------ teaching and deployment
     def forward(self, *args: Any, **kwargs: Any) -> BranchedOutput | None:
@@ -266,7 +266,7 @@ class TemporalMean(nn.Module):
         super()._apply(fn, recurse)
         if self.model is not None:
             self.model._apply(fn, recurse)
-            self._seen = None
+            self._watch.forget()
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

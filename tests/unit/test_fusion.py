@@ -212,3 +212,17 @@ def test_a_temporal_mean_and_a_hybrid_on_one_model(one_thread):
     assert out.hybrid is not None and out.temporal is not None
     sd = bm.state_dict()
     assert not any(k.startswith("temporal.model.fusion.") for k in sd) and "fusion.model.fc.weight" in sd
+
+
+def test_batch_schedule_sees_fused_optimiser_steps(one_thread):
+    torch.manual_seed(0)
+    bm, okd = bf.method("okdph", TinyCifarResNet(), init="auto", fuse_every="1_batch")
+    opt = torch.optim.AdamW(bm.parameters(), lr=0.01, fused=True)  # writes without bumping versions
+    for i in range(3):
+        x, y = _batch(i)
+        loss = okd(bm(x), y).total
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    bm(_batch(3)[0])
+    assert int(bm.fusion.steps) == 3

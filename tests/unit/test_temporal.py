@@ -213,3 +213,32 @@ def test_works_under_torch_compile(one_thread):
         oe, oc = _step(eager, opt_e, i), _step(compiled, opt_c, i)
         torch.testing.assert_close(oc.temporal.logits[0], oe.temporal.logits[0], rtol=1e-4, atol=1e-5)
     assert int(compiled_model.temporal.num_updates) == int(eager.temporal.num_updates) == 3
+
+
+@pytest.mark.parametrize("kind", ["fused", "foreach", "hand"])
+def test_steps_are_seen_whatever_writes_them(one_thread, kind):
+    bm = _model()
+    ema = TemporalMean(0.5).attach(bm)
+    params = [p for k, p in bm.named_parameters() if not k.startswith("aggregator.")]
+    x, y = _batch(0)
+    bm(x)
+    if kind == "hand":  # a hand-written update (no optimiser): seen through the version counters
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.01)
+    else:  # fused kernels do not bump version counters: the optimiser step hook sees them
+        opt = torch.optim.AdamW(params, lr=0.01, **{kind: True})
+        sum(nn.functional.cross_entropy(z, y) for z in bm(x).logits).backward()
+        opt.step()
+    bm(x)
+    assert int(ema.num_updates) == 1
+    other = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)  # an unrelated optimiser: no update
+    other.param_groups[0]["params"][0].grad = torch.ones(1)
+    other.step()
+    bm(x)
+    assert int(ema.num_updates) == 1
+    clone = copy.deepcopy(bm)  # a copy watches its own weights
+    with torch.no_grad():
+        next(clone.parameters()).add_(1.0)
+    clone(x), bm(x)
+    assert int(clone.temporal.num_updates) == 2 and int(ema.num_updates) == 1
