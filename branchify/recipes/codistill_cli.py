@@ -1,8 +1,8 @@
 """``branchify-train --codistill G``: codistillation of G model copies on ``--nproc N`` processes.
 
     branchify-train --codistill 2 --exchange-every 10 --nproc 4 --model resnet20 --out runs/codistill
-    branchify-train --resume runs/codistill                       # every unfinished group continues
-    branchify-train --resume runs/codistill --group 1 --nproc 2   # one killed group rejoins
+    branchify-train --resume runs/codistill --nproc 4             # every unfinished group continues
+    branchify-train --resume runs/codistill --group 1 --nproc 4   # one killed group rejoins (on 4/2 ranks)
 
 ``N`` must be a multiple of ``G``: each group trains data parallel on ``N / G`` processes (gloo on
 the CPU, nccl on CUDA). Options beyond the flags go through ``--set method_args.KEY=VALUE``:
