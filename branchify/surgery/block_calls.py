@@ -31,6 +31,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from .partition import list_split_points
 from .tracing import trace
 
 _SEQ = 8
@@ -47,6 +48,7 @@ class Call:
     start: int = 0
     end: int = -1
     count: int = 0
+    tuple_out: bool = False
 
     @property
     def hidden_in(self) -> torch.Tensor | None:
@@ -62,6 +64,13 @@ class Call:
         """Whether the main output has the main input's shape and dtype (a block copies can follow)."""
         x, y = self.hidden_in, self.hidden_out
         return x is not None and y is not None and x.shape == y.shape and x.dtype == y.dtype
+
+
+class Calls(dict):
+    """``path -> Call``, and ``traced``: the module paths the traced graph runs in (a module inside
+    a tracer's leaf module - a Hugging Face layer's attention - is not one)."""
+
+    traced: frozenset = frozenset()
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:
@@ -161,6 +170,7 @@ def _hooks(model: nn.Module, paths: Iterable[str], calls: dict[str, Call], clock
             if calls[path].count == 1:
                 hidden = first_tensor(out)  # a later in-place op must not change what was recorded
                 calls[path].out, calls[path].end = None if hidden is None else hidden.clone(), clock[0]
+                calls[path].tuple_out = isinstance(out, (tuple, list))
 
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(module.register_forward_hook(post, with_kwargs=True))
@@ -168,7 +178,7 @@ def _hooks(model: nn.Module, paths: Iterable[str], calls: dict[str, Call], clock
 
 
 def record_calls(model: nn.Module, paths: Iterable[str] | None = None, tracer: fx.Tracer | None = None
-                 ) -> dict[str, Call]:
+                 ) -> Calls:
     """Run a deep copy of ``model`` once (training mode, no grad) on a synthesised input and record the calls
     of the modules at ``paths`` (every module when ``None``); see the module docstring.
 
@@ -182,7 +192,8 @@ def record_calls(model: nn.Module, paths: Iterable[str] | None = None, tracer: f
     paths = [p for p, _ in work.named_modules() if p] if paths is None else list(dict.fromkeys(paths))
     error: Exception | None = None
     for size in _declared_size(work):
-        calls: dict[str, Call] = {}
+        calls = Calls()
+        calls.traced = frozenset(list_split_points(gm))
         handles = _hooks(work, paths, calls, [0])
         try:
             inputs = example_inputs(gm, work, size)

@@ -16,6 +16,7 @@ way are shapes probed from the block's first layer.
 from __future__ import annotations
 
 import copy
+import operator
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -233,6 +234,22 @@ def _rename_children(level: fx.GraphModule, container: str, renames: dict[str, s
             _retarget(node, old_path, new_path)
 
 
+def _tuple_item(t: Target, inside: list[fx.Node], hidden: fx.Node) -> int | None:
+    """For a leaf block that returns a tuple (an older Hugging Face layer: hidden states, attention
+    weights...), the item a copy reads (the one the block's own input was, else 0); else ``None``."""
+    node = inside[-1]
+    if node.op != "call_module" or len(inside) != 1:
+        return None
+    if t.call is not None:
+        returns_tuple = t.call.tuple_out
+    else:
+        returns_tuple = bool(node.users) and all(u.op == "call_function" and u.target is operator.getitem
+                                                 and isinstance(u.args[1], int) for u in node.users)
+    if not returns_tuple:
+        return None
+    return hidden.args[1] if hidden.op == "call_function" and hidden.target is operator.getitem else 0
+
+
 def _insert_copies(level: fx.GraphModule, t: Target, inside: list[fx.Node], new_blocks: list[nn.Module]) -> None:
     graph, out_node, members = level.graph, inside[-1], set(inside)
     leaking = [n.name for n in inside[:-1] if any(u not in members for u in n.users)]
@@ -240,12 +257,17 @@ def _insert_copies(level: fx.GraphModule, t: Target, inside: list[fx.Node], new_
         raise SpecError(f"deepen on {t.key!r}: {t.block} passes more than its output on ({leaking}), so copies "
                         f"of it cannot be chained; choose another block")
     hidden = _main_input(inside)
+    item = _tuple_item(t, inside, hidden)
     names, renames = t.copy_names(len(new_blocks))
     _rename_children(level, t.container, renames)
     prefix = f"{t.container}." if t.container else ""
     cursor, prev, created = out_node, out_node, set()
     for name, blk in zip(names, new_blocks):
         level.add_submodule(prefix + name, blk)
+        if item is not None:
+            with graph.inserting_after(cursor):
+                prev = cursor = graph.call_function(operator.getitem, (prev, item))
+            created.add(prev)
         env = {hidden: prev}
         for node in inside:
             with graph.inserting_after(cursor):

@@ -4,8 +4,8 @@
 (:func:`~branchify.surgery.block_calls.record_calls`). A *candidate* is a module that
 
 - is a child of an ``nn.Sequential`` / ``nn.ModuleList`` (so the exported model can hold copies
-  of it), holds a weight matrix or kernel (a lone normalisation layer is no block) and runs
-  exactly once;
+  of it), holds a weight matrix or kernel (a lone normalisation layer is no block), runs
+  exactly once and runs as itself in the traced graph (not inside a tracer's leaf module);
 - starts at or after the last split (every leaf replicates it) and does not contain the split;
 - keeps the shape of its main input in that forward (``x.shape == block(x).shape``);
 - can start as the identity (:func:`~branchify.surgery.identity.identity_init_how` succeeds on a
@@ -66,7 +66,8 @@ def candidates(model: nn.Module, calls: dict[str, Call], after: str) -> list[str
         parent = model.get_submodule(parent_path) if parent_path else model
         call = calls.get(path)
         if (not path or not isinstance(parent, _CONTAINERS) or call is None or call.count != 1
-                or call.start < start or after.startswith(path + ".") or not any(p.dim() >= 2 for p in module.parameters())):
+                or call.start < start or after.startswith(path + ".") or not any(p.dim() >= 2 for p in module.parameters())
+                or (getattr(calls, "traced", None) and path not in calls.traced)):
             continue
         if call.keeps_shape():
             found.append((call.start, path))
@@ -116,7 +117,7 @@ def pick_block(model: nn.Module, after: str, body_blocks: list[str], tracer: fx.
                         f"ones ({shaped[:4]}) have no residual branch to silence ({type(model).__name__} is not a "
                         f"residual network). Pass deepen_init='standard' (copies of {shaped[0]} at the "
                         f"architecture's own init, as the AHBF authors' code builds them) or aux=0 (no deepening)")
-    raise SpecError(f"AHBF found no block after {after!r} that keeps the shape of its input (in "
-                    f"{type(model).__name__} every block there changes it, e.g. by concatenating features), so no "
-                    f"copies can follow one. Pass aux=0 (4 leaves of equal depth with the hierarchical TAs), use "
+    raise SpecError(f"AHBF found no block after {after!r} that keeps the shape of its input and runs once as "
+                    f"itself (in {type(model).__name__} each one there downsamples, widens or concatenates, is shared, "
+                    f"or runs inside a tracer's leaf module), so no copies can follow one. Pass aux=0 (4 leaves of equal depth with the hierarchical TAs), use "
                     f"another preset (bf.method('one', model)), or name a block with deepen_container=...")

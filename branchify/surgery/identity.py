@@ -193,10 +193,27 @@ def _silence(block: nn.Module, path: str, rec: dict[str, list]) -> str | None:
     for npath, r in rec.items():
         norm = block.get_submodule(npath)
         if out is not None and r[2] is out and _is_norm(norm) and getattr(norm, "weight", None) is not None:
+            before = copy.deepcopy(norm.state_dict())
             _zero(norm.weight.data, getattr(norm, "bias", None))
-            return f"{npath}.weight/bias"
+            if _silent(norm, out):
+                return f"{npath}.weight/bias"
+            norm.load_state_dict(before)  # a scale of (1 + weight), as Gemma's RMSNorm: zero the projection
+            break
     _zero(proj.weight.data, proj.bias.data if isinstance(getattr(proj, "bias", None), torch.Tensor) else None)
     return f"{full}.weight" + ("/bias" if isinstance(getattr(proj, "bias", None), torch.Tensor) else "")
+
+
+def _silent(norm: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``norm`` now outputs 0 on ``x`` (eval mode)."""
+    was = norm.training
+    try:
+        with torch.no_grad():
+            y = first_tensor(norm.eval()(x))
+        return y is not None and not bool(y.abs().gt(0).any())
+    except Exception:  # a norm that cannot be called on its own: trust the block check
+        return True
+    finally:
+        norm.train(was)
 
 
 def silence_branches(block: nn.Module, call: Call | None) -> str | None:
