@@ -110,3 +110,27 @@ def test_paper_options_run(one_thread):
     loss = okd(out, y)
     loss.total.backward()
     assert bm.segments["b1"].get_parameter("fc.weight").grad is not None
+
+
+@pytest.mark.slow
+def test_works_under_torch_compile(one_thread):
+    def make():
+        torch.manual_seed(0)
+        bm, okd = bf.method("okdph", TinyCifarResNet(), init="auto", fuse_every="2_batch")
+        return bm, okd, torch.optim.SGD(bm.parameters(), lr=0.1)
+
+    (eager, okd_e, opt_e), (model, okd_c, opt_c) = make(), make()
+    compiled = torch.compile(model)
+    for i in range(4):
+        g = torch.Generator().manual_seed(i)
+        x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 5, (8,), generator=g)
+        hybrids = []
+        for m, okd, opt in ((eager, okd_e, opt_e), (compiled, okd_c, opt_c)):
+            out = m(x)
+            loss = okd(out, y).total
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            hybrids.append(out.hybrid.logits[0])
+        torch.testing.assert_close(hybrids[1], hybrids[0], rtol=1e-4, atol=1e-5)
+    assert int(model.fusion.steps) == int(eager.fusion.steps) == 3
