@@ -214,3 +214,24 @@ def test_explicit_container_and_block_keys_still_work():
         torch.testing.assert_close(deep(x), bm.eval()(x).logits[1], rtol=0, atol=0)
     with pytest.raises(bf.SpecError, match="inside a MobileNetV3"):
         bf.branchify(net, bf.Spec(splits=["features.9"], fanout=[2], deepen={"avgpool": [0, 1]}))
+
+
+@pytest.mark.parametrize("family, zeroed", [
+    ("mpnet", "output.dense.weight/bias"),  # its layers return tuples: copies read the hidden-states item
+    ("gemma2", "mlp.down_proj.weight"),  # its norms scale by (1 + weight): the projections are zeroed
+])
+def test_hf_layers_returning_tuples_or_with_offset_norms_start_as_the_identity(family, zeroed):
+    pytest.importorskip("transformers")
+    H = __import__("hf_tiny_models")
+    batch = H.make_zoo_batch(family, labels=False)
+    twins, _ = _method(H.make_zoo_model(family), init="copy")
+    (key, d), = twins.deepened.items()
+    assert zeroed in d["start"], d["start"]
+    with torch.no_grad():
+        out = twins.eval()(**batch)
+        for z in out.logits[1:]:
+            torch.testing.assert_close(z, out.logits[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(twins.export().eval()(**batch).logits, out.logits[0], rtol=0, atol=0)
+        if family == "mpnet":  # (a deepened Gemma2 export does not run yet: its per-layer masks)
+            got = twins.export(3).eval()(**batch)
+            torch.testing.assert_close(got.logits, out.logits[3], rtol=1e-5, atol=1e-6)
