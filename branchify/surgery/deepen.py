@@ -302,10 +302,22 @@ def deepened_skeleton(skeleton: nn.Module, deepen: dict[str, int]) -> nn.Module:
                     new.update((name, copy.deepcopy(block)) for name in names)
         else:
             new = OrderedDict(items[:len(items) + extra])
+        numbered = _layer_indices(cont) == list(range(len(items)))
         cont._modules.clear()
         cont._modules.update(new)
         _recount(model, cont, len(items), extra)
+        if numbered:  # Hugging Face layers index their KV cache by layer_idx: the copies get their own
+            for i, block in enumerate(cont):
+                for sub in block.modules():
+                    if isinstance(getattr(sub, "layer_idx", None), int):
+                        sub.layer_idx = i
     return model
+
+
+def _layer_indices(cont: nn.Module) -> list[int | None]:
+    """Each child's ``layer_idx`` (the first found inside it), ``None`` where it has none."""
+    return [next((s.layer_idx for s in child.modules() if isinstance(getattr(s, "layer_idx", None), int)), None)
+            for child in cont.children()]
 
 
 def _recount(model: nn.Module, cont: nn.Module, n: int, extra: int) -> None:
