@@ -13,13 +13,13 @@ from .model import BranchedModel
 from .registry import plugin_for
 from .spec import INPUT, Spec, SpecError
 from .surgery.batched import BatchedMode, check_mode
-from .surgery.batched import model_key as _key
 from .surgery.deepen import Target, deepen_graph, make_copies, prepare_deepen
 from .surgery.init import INIT_DESCRIPTIONS, reinitialise, resolve_init
 from .surgery.partition import make_inplace_safe, partition
 from .surgery.pretrained import apply_pretrained, describe_pretrained, head_init_method, head_paths
-from .surgery.runner import TreeLayout
+from .surgery.runner import Heads, TreeLayout
 from .surgery.tracing import trace
+from .tree import Node, TreePath, segment_key
 
 
 def branchify(model: nn.Module, spec: Spec, *, model_fn: Callable[[], nn.Module] | None = None,
@@ -70,31 +70,23 @@ def branchify(model: nn.Module, spec: Spec, *, model_fn: Callable[[], nn.Module]
                       f"runs ({part.unexecuted[:5]}...); export fills them from the original model",
                       stacklevel=2)
     unexecuted = {k: sd_orig[k] for k in part.unexecuted}
-    segments: dict[str, fx.GraphModule] = {_key(()): part.levels[0]}
-    leaf_index = {p: i for i, p in enumerate(spec.leaf_paths())}
-    for level in range(1, spec.num_levels + 1):
-        template = part.levels[level]
-        for path in spec.level_paths(level):
-            replica = copy.deepcopy(template)
-            if path[-1] != 0 and how != "pretrained":
-                reinitialise(replica, how, original=work, model_fn=model_fn)
-            make_inplace_safe(replica)
-            if level == spec.num_levels:
-                _apply_deepen(replica, spec, leaf_index[path], work, how, model_fn, targets)
-            segments[_key(path)] = replica
-    init_used = _init_used(how, segments, spec, gm, part, work, model_fn, plugin, init_noise, detected)
-    _retie(segments, spec, part.tied)
-    unfrozen = _unfreeze_reinitialised(segments, spec, how)
-    _warn_identical_replicas(segments, spec, how)
+    nodes = list(spec.nodes())  # the one walk over the tree; every step below reads this list
+    leaf_paths = [n.path for n in nodes if n.leaf is not None]
+    children: dict[TreePath, list[TreePath]] = {n.path: [] for n in nodes}
+    for n in nodes[1:]:
+        children[n.parent].append(n.path)
+    segments = _grow(part.levels, nodes, spec, how, work, model_fn, targets)
+    init_used = _init_used(how, segments, leaf_paths, gm, part, work, model_fn, plugin, init_noise, detected)
+    _retie(segments, nodes, part.tied)
+    unfrozen = _unfreeze_reinitialised(segments, nodes, how)
+    _warn_identical_replicas(segments, nodes, how)
     if spec.splits[0] == INPUT:
         make_inplace_safe(part.levels[0])
     skeleton, nonpersistent = _skeleton_of(model)
-    graph = spec.graph()
     layout = TreeLayout(level_inputs=part.level_inputs, cut_names=part.cut_names,
-                        heads=(part.logits_name, part.features_name, part.feature_map_name),
+                        heads=Heads(part.logits_name, part.features_name, part.feature_map_name),
                         grad_scale=[spec.grad_scale.get(s, 1.0) for s in spec.splits],
-                        children={p: list(graph.successors(p)) for p in graph.nodes},
-                        leaf_paths=spec.leaf_paths())
+                        children=children, leaf_paths=leaf_paths)
     bm = BranchedModel(spec, segments, layout, part.model_inputs, skeleton, nonpersistent, unexecuted,
                        init_used=init_used, tied={k: sorted(v) for k, v in part.tied.items()},
                        unfrozen=unfrozen, batched=batched,
@@ -112,7 +104,29 @@ def _unexecuted(sd_orig: dict[str, torch.Tensor], levels: list[fx.GraphModule]) 
     return [k for k in sd_orig if k not in used]
 
 
-def _retie(segments: dict[str, fx.GraphModule], spec: Spec, tied: dict[str, dict[int, list[str]]]) -> None:
+def _grow(levels: list[fx.GraphModule], nodes: list[Node], spec: Spec, how: str, work: nn.Module,
+          model_fn: Callable[[], nn.Module] | None, targets: dict[str, Target]) -> dict[str, fx.GraphModule]:
+    """One segment per node: the trunk is level 0 itself, every other node a copy of its level.
+
+    Child 0 keeps the original weights; the other replicas are re-initialised (``init="pretrained"``
+    re-initialises only the heads, later); leaves get their ``deepen`` blocks.
+    """
+    segments: dict[str, fx.GraphModule] = {}
+    for node in nodes:
+        if node.level == 0:
+            segments[node.key] = levels[0]
+            continue
+        replica = copy.deepcopy(levels[node.level])
+        if not node.is_child0 and how != "pretrained":
+            reinitialise(replica, how, original=work, model_fn=model_fn)
+        make_inplace_safe(replica)
+        if node.leaf is not None:
+            _apply_deepen(replica, spec, node.leaf, work, how, model_fn, targets)
+        segments[node.key] = replica
+    return segments
+
+
+def _retie(segments: dict[str, fx.GraphModule], nodes: list[Node], tied: dict[str, dict[int, list[str]]]) -> None:
     """Keep parameters that the original model shares across a cut shared.
 
     A module (or weight) that runs both before and after a cut - a tied embedding and LM head, a
@@ -122,17 +136,16 @@ def _retie(segments: dict[str, fx.GraphModule], spec: Spec, tied: dict[str, dict
     """
     for names in tied.values():
         first = min(names)
-        for level, level_names in names.items():
-            if level == first:
+        for node in nodes:
+            if node.level == first or node.level not in names:
                 continue
-            for path in spec.level_paths(level):
-                source = segments[_key(path[:first])].get_parameter(names[first][0])
-                for name in level_names:
-                    owner, _, attr = name.rpartition(".")
-                    segments[_key(path)].get_submodule(owner)._parameters[attr] = source
+            source = segments[segment_key(node.path[:first])].get_parameter(names[first][0])
+            for name in names[node.level]:
+                owner, _, attr = name.rpartition(".")
+                segments[node.key].get_submodule(owner)._parameters[attr] = source
 
 
-def _unfreeze_reinitialised(segments: dict[str, fx.GraphModule], spec: Spec, how: str) -> list[str]:
+def _unfreeze_reinitialised(segments: dict[str, fx.GraphModule], nodes: list[Node], how: str) -> list[str]:
     """Re-initialised replicas train, whatever the original's ``requires_grad``.
 
     A frozen part of the original (a fine-tuning setup freezing the backbone) keeps its flags in
@@ -142,22 +155,21 @@ def _unfreeze_reinitialised(segments: dict[str, fx.GraphModule], spec: Spec, how
     """
     if how in ("copy", "pretrained"):  # pretrained: copies keep their weights and their flags
         return []
-    shared = {id(p) for p in segments[_key(())].parameters()}
+    shared: set[int] = set()
     unfrozen = []
-    for level in range(1, spec.num_levels + 1):
-        for path in spec.level_paths(level):
-            if path[-1] == 0:
-                shared.update(id(p) for p in segments[_key(path)].parameters())
-                continue
-            frozen = [p for p in segments[_key(path)].parameters() if not p.requires_grad and id(p) not in shared]
-            if frozen:
-                for p in frozen:
-                    p.requires_grad_(True)
-                unfrozen.append(_key(path))
+    for node in nodes:  # the trunk first, then a child 0 before its siblings
+        if node.is_child0:
+            shared.update(id(p) for p in segments[node.key].parameters())
+            continue
+        frozen = [p for p in segments[node.key].parameters() if not p.requires_grad and id(p) not in shared]
+        if frozen:
+            for p in frozen:
+                p.requires_grad_(True)
+            unfrozen.append(node.key)
     return unfrozen
 
 
-def _warn_identical_replicas(segments: dict[str, fx.GraphModule], spec: Spec, how: str) -> None:
+def _warn_identical_replicas(segments: dict[str, fx.GraphModule], nodes: list[Node], how: str) -> None:
     """Identical siblings get identical gradients and never diverge: say so loudly.
 
     Re-initialised replicas can still come out identical to child 0, e.g. when ``model_fn``
@@ -165,20 +177,20 @@ def _warn_identical_replicas(segments: dict[str, fx.GraphModule], spec: Spec, ho
     """
     if how in ("copy", "pretrained"):  # pretrained: apply_pretrained warns when leaves start identical
         return
-    for level in range(1, spec.num_levels + 1):
-        for path in spec.level_paths(level):
-            if path[-1] == 0:
-                continue
-            mine, first = segments[_key(path)], segments[_key(path[:-1] + (0,))]
-            if any(p.is_meta for p in mine.parameters()):
-                return  # a model on the meta device has no values to compare
-            theirs = dict(first.named_parameters())
-            params = dict(mine.named_parameters())
-            if params and params.keys() == theirs.keys() and all(
-                    torch.equal(p, theirs[k]) for k, p in params.items()):
-                warnings.warn(f"replica {_key(path)} starts with exactly the weights of "
-                              f"{_key(path[:-1] + (0,))} (init {how!r}), so the two will stay identical; "
-                              f"if model_fn seeds the random generator, remove the seeding", stacklevel=3)
+    for node in nodes:
+        if node.is_child0:
+            continue
+        sibling = segment_key(node.parent + (0,))
+        mine, first = segments[node.key], segments[sibling]
+        if any(p.is_meta for p in mine.parameters()):
+            return  # a model on the meta device has no values to compare
+        theirs = dict(first.named_parameters())
+        params = dict(mine.named_parameters())
+        if params and params.keys() == theirs.keys() and all(
+                torch.equal(p, theirs[k]) for k, p in params.items()):
+            warnings.warn(f"replica {node.key} starts with exactly the weights of {sibling} (init {how!r}), "
+                          f"so the two will stay identical; if model_fn seeds the random generator, remove the "
+                          f"seeding", stacklevel=3)
 
 
 def _apply_deepen(replica: fx.GraphModule, spec: Spec, leaf: int, work: nn.Module, how: str,
@@ -206,7 +218,7 @@ def _resolve_init(spec: Spec, model: nn.Module, model_fn: Callable[[], nn.Module
     return how, detected if spec.init == "auto" else None
 
 
-def _init_used(how: str, segments: dict[str, fx.GraphModule], spec: Spec, gm: fx.GraphModule, part,
+def _init_used(how: str, segments: dict[str, fx.GraphModule], leaf_paths: list[TreePath], gm: fx.GraphModule, part,
                work: nn.Module, model_fn: Callable[[], nn.Module] | None, plugin, noise: float,
                detected: str | None) -> str:
     """The ``init_used`` line; ``init="pretrained"``: first re-initialise every leaf's task head but leaf 0's."""
@@ -217,7 +229,7 @@ def _init_used(how: str, segments: dict[str, fx.GraphModule], spec: Spec, gm: fx
     head = head_paths(gm, hinted, final)
     how = head_init_method(work, model_fn)
     tied = [n for names in part.tied.values() for level_names in names.values() for n in level_names]
-    done = apply_pretrained(segments, spec.leaf_paths(), head, how, original=work, model_fn=model_fn,
+    done = apply_pretrained(segments, leaf_paths, head, how, original=work, model_fn=model_fn,
                             noise=noise, tied=tied)
     return describe_pretrained(head, how, sorted(done), noise, done, detected)
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .surgery.batched import model_key as _key
+from .tree import TRUNK_KEY, TreePath, lineage, segment_key
 from .views import views_cost
 
 if TYPE_CHECKING:
@@ -102,12 +102,13 @@ def describe(model: "BranchedModel", *example_inputs: Any, **kwargs: Any) -> str
     lines.append("tree:")
     g = spec.graph()
 
-    def walk(path: tuple[int, ...], indent: str) -> None:
+    def walk(path: TreePath, indent: str) -> None:
         node = g.nodes[path]
-        label = "trunk (shared)" if not path else f"{_key(path)}  [after {node['split']}]"
+        label = f"{TRUNK_KEY} (shared)" if not path else f"{segment_key(path)}  [after {node['split']}]"
         if "leaf" in node:
             label += f"  -> leaf {node['leaf']}" + ("  (target)" if node["leaf"] == spec.target else "")
-        lines.append(f"{indent}{label}  params {_fmt(params[_key(path)])}  FLOPs {_fmt(flops[_key(path)])}")
+        key = segment_key(path)
+        lines.append(f"{indent}{label}  params {_fmt(params[key])}  FLOPs {_fmt(flops[key])}")
         for child in sorted(g.successors(path)):
             walk(child, indent + "  ")
 
@@ -116,7 +117,7 @@ def describe(model: "BranchedModel", *example_inputs: Any, **kwargs: Any) -> str
     lines.append(f"{'leaf':>6} {'path':<14} {'params':>10} {'FLOPs':>10}")
     target_flops = 0
     for i, path in enumerate(model.leaf_paths):
-        keys = [_key(path[:d]) for d in range(len(path) + 1)]
+        keys = [segment_key(p) for p in lineage(path)]
         p = sum(params[k] for k in keys)
         f = sum(flops[k] for k in keys)
         if i == spec.target:

@@ -45,6 +45,7 @@ from torch import nn
 
 from .contract import LeafModel
 from .errors import BranchifyError
+from .tree import lineage, segment_key
 
 __all__ = ["FusionError", "coefficients", "fuse_back", "hybrid_state", "leaf_states", "schedule", "soup"]
 
@@ -86,16 +87,14 @@ def leaf_states(model: LeafModel) -> list[dict[str, torch.Tensor]]:
 
 def _tree_leaf_state(model: Any, leaf: int) -> dict[str, torch.Tensor]:
     """What ``export_state_dict`` collects for ``leaf``, without copying (live tensors)."""
-    from .surgery.batched import model_key
-
     path = model.leaf_paths[leaf]
     cached = _EXPECTED.setdefault(model, {})
     if leaf not in cached:  # the original's state_dict keys (building the skeleton is not per-batch work)
         cached[leaf] = list(model._export_skeleton(leaf).state_dict())
     expected = cached[leaf]
     out: dict[str, torch.Tensor] = {}
-    for depth in range(len(path) + 1):
-        for k, v in model.segments[model_key(path[:depth])].state_dict(keep_vars=True).items():
+    for node in lineage(path):
+        for k, v in model.segments[segment_key(node)].state_dict(keep_vars=True).items():
             if k in expected and k not in out:
                 out[k] = v
     for k, v in model._unexecuted.items():

@@ -14,11 +14,11 @@ from .describe import describe
 from .outputs import BranchedOutput
 from .spec import Spec
 from .surgery.batched import BatchedMode, ReplicaGroup, check_mode, plan_groups, wants_vmap
-from .surgery.batched import model_key as _key
 from .surgery.deepen import deepened_skeleton
 from .surgery.partition import REQUIRED
 from .surgery.runner import TreeLayout, run_tree
 from .surgery.widths import consumer_width, producer_width
+from .tree import TreePath, lineage, segment_key
 from .views import HasViews, run_views
 
 
@@ -113,19 +113,19 @@ class BranchedModel(HasViews, LeafModel):
     @property
     def feature_dim(self) -> int | None:
         """Width of ``features`` (in_features of the final Linear, else measured), if known."""
-        return self._head_width(self.layout.heads[1])
+        return self._head_width(self.layout.heads.features)
 
     @property
     def num_classes(self) -> int | None:
         """Classes of the logits: the output width of the layer producing them (a Linear's
         ``out_features``, a conv classifier's ``out_channels``), if known."""
-        return producer_width(self.segments[_key(self.leaf_paths[0])], self.layout.heads[0])
+        return producer_width(self.segments[segment_key(self.leaf_paths[0])], self.layout.heads.logits)
 
     @property
     def feature_map_channels(self) -> int | None:
         """Channels of ``feature_maps``: they pool straight into the features, or a conv classifier
         reads them (SqueezeNet), whose input channels are then measured."""
-        return self._head_width(self.layout.heads[2])
+        return self._head_width(self.layout.heads.feature_map)
 
     def _head_width(self, name: str | None) -> int | None:
         if name is None:
@@ -133,17 +133,17 @@ class BranchedModel(HasViews, LeafModel):
         if self._final_linear_in is not None:
             return self._final_linear_in
         path = self.leaf_paths[0]  # every leaf has the same widths; read the first sized layer reading it
-        widths = (consumer_width(self.segments[_key(path[:d])], name) for d in range(len(path) + 1))
+        widths = (consumer_width(self.segments[segment_key(p)], name) for p in lineage(path))
         return next((w for w in widths if w is not None), None)
 
-    def cut_channels(self, path: tuple[int, ...] = ()) -> int | None:
+    def cut_channels(self, path: TreePath = ()) -> int | None:
         """Channels (or features) of ``cuts[path]``, read from the first layer that consumes it."""
         children = self.layout.children.get(path)
         if not children:
             raise ValueError(f"{path} is a leaf; cuts exist only at internal nodes {list(self.layout.children)}")
         child = children[0]
         name = self.layout.cut_names[len(child)]
-        return consumer_width(self.segments[_key(child)], name) if name is not None else None
+        return consumer_width(self.segments[segment_key(child)], name) if name is not None else None
 
     # ------------------------------------------------------------------ forward
     def _bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -182,7 +182,7 @@ class BranchedModel(HasViews, LeafModel):
                               cuts=res.cuts, leaf_paths=self.leaf_paths)
 
     # ------------------------------------------------------------------ export
-    def _leaf_path(self, leaf: int | None) -> tuple[int, ...]:
+    def _leaf_path(self, leaf: int | None) -> TreePath:
         leaf = self.spec.target if leaf is None else leaf
         if not isinstance(leaf, int) or not 0 <= leaf < self.num_leaves:
             raise IndexError(f"leaf {leaf} does not exist; the tree has leaves 0..{self.num_leaves - 1}")
@@ -194,8 +194,8 @@ class BranchedModel(HasViews, LeafModel):
         skeleton = self._export_skeleton(self.leaf_paths.index(path))
         expected_sd = skeleton.state_dict()
         sd: dict[str, torch.Tensor] = OrderedDict()
-        for depth in range(len(path) + 1):
-            for k, v in self.segments[_key(path[:depth])].state_dict().items():
+        for node in lineage(path):
+            for k, v in self.segments[segment_key(node)].state_dict().items():
                 if k in expected_sd and k not in sd:  # a tensor shared across a cut: one copy is enough
                     sd[k] = _full(v).detach().clone()
         for k, v in self._unexecuted.items():

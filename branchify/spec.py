@@ -16,11 +16,15 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Iterator, Union
 
 import networkx as nx
 
-from branchify.errors import BranchifyError
+from .errors import BranchifyError
+from .tree import TRUNK_KEY, Node, TreePath, is_child0, is_original_lineage, lineage, segment_key
+
+__all__ = ["DEEPEN_INIT_CHOICES", "INIT_CHOICES", "INPUT", "TRUNK_KEY", "Fanout", "Node", "Spec", "SpecError",
+           "TreePath", "is_child0", "is_original_lineage", "lineage", "segment_key"]
 
 INPUT = "<input>"
 """Split name meaning "cut at the model input": no shared trunk, whole-network peers (DML)."""
@@ -153,9 +157,9 @@ class Spec:
         f = self.fanout[level]
         return list(f) if isinstance(f, list) else [f] * len(self.level_paths(level))
 
-    def level_paths(self, level: int) -> list[tuple[int, ...]]:
+    def level_paths(self, level: int) -> list[TreePath]:
         """Paths of the nodes at ``level`` in depth-first order (level 0 is ``[()]``)."""
-        paths: list[tuple[int, ...]] = [()]
+        paths: list[TreePath] = [()]
         for lv in range(level):
             f = self.fanout[lv]
             counts = list(f) if isinstance(f, list) else [f] * len(paths)
@@ -172,20 +176,37 @@ class Spec:
         """Number of leaves (branches that end in a classifier)."""
         return len(self.level_paths(self.num_levels))
 
-    def leaf_paths(self) -> list[tuple[int, ...]]:
+    def leaf_paths(self) -> list[TreePath]:
         """Leaf paths in leaf order (depth-first, child 0 first)."""
         return self.level_paths(self.num_levels)
 
+    def nodes(self) -> Iterator[Node]:
+        """The one walk over the tree: every node once, as a :class:`~branchify.tree.Node`.
+
+        Level by level from the trunk, each level depth-first with child 0 first - so a parent
+        always comes before its children, and the leaves come last, in leaf order.
+
+        Examples:
+            >>> [(n.level, n.path, n.parent, n.is_child0, n.leaf)
+            ...  for n in Spec(splits=["layer3", "layer4"], fanout=[2, [1, 2]]).nodes()]
+            ... # doctest: +NORMALIZE_WHITESPACE
+            [(0, (), None, True, None), (1, (0,), (), True, None), (1, (1,), (), False, None),
+             (2, (0, 0), (0,), True, 0), (2, (1, 0), (1,), True, 1), (2, (1, 1), (1,), False, 2)]
+        """
+        for level in range(self.num_levels + 1):
+            for i, path in enumerate(self.level_paths(level)):
+                yield Node(level, path, path[:-1] if path else None, is_child0(path),
+                           i if level == self.num_levels else None)
+
     def graph(self) -> nx.DiGraph:
-        """The tree as a DiGraph: nodes are paths with ``level`` (and ``leaf`` for leaves)."""
+        """The tree as a DiGraph: nodes are paths with ``level``, ``split`` (and ``leaf`` for leaves)."""
         g = nx.DiGraph()
-        g.add_node((), level=0, split=None)
-        for level in range(1, self.num_levels + 1):
-            for p in self.level_paths(level):
-                g.add_node(p, level=level, split=self.splits[level - 1])
-                g.add_edge(p[:-1], p)
-        for i, p in enumerate(self.leaf_paths()):
-            g.nodes[p]["leaf"] = i
+        for n in self.nodes():
+            g.add_node(n.path, level=n.level, split=self.splits[n.level - 1] if n.level else None)
+            if n.parent is not None:
+                g.add_edge(n.parent, n.path)
+            if n.leaf is not None:
+                g.nodes[n.path]["leaf"] = n.leaf
         return g
 
     # ------------------------------------------------------------------ serialisation

@@ -43,8 +43,8 @@ import torch
 from torch import nn
 
 from .errors import BranchifyError
-from .surgery.batched import model_key
 from .surgery.runner import TreeLayout, TreeResult, call_segment
+from .tree import TRUNK_KEY, lineage, segment_key
 
 if TYPE_CHECKING:
     from .model import BranchedModel
@@ -162,20 +162,20 @@ def run_leafwise(segments: nn.ModuleDict, layout: TreeLayout, envs: list[dict[st
     of segments with the same layout (an EMA copy) can run on the same ``envs``.
     """
     result = TreeResult([], [], [], {})
-    lg, ft, fm = layout.heads
+    heads = layout.heads
     for path, env in zip(layout.leaf_paths, envs):
-        env = call_segment(segments["trunk"], layout.level_inputs[0], env, 1.0)
-        for depth in range(len(path) + 1):
-            node = path[:depth]
+        env = call_segment(segments[TRUNK_KEY], layout.level_inputs[0], env, 1.0)
+        for node in lineage(path):
+            depth = len(node)
             if depth:
-                env = call_segment(segments[model_key(node)], layout.level_inputs[depth], env,
+                env = call_segment(segments[segment_key(node)], layout.level_inputs[depth], env,
                                    layout.grad_scale[depth - 1])
             cut = layout.cut_names[depth + 1] if layout.children.get(node) else None
             if cut is not None and node not in result.cuts:
                 result.cuts[node] = env[cut]
-        result.logits.append(env[lg])
-        result.features.append(env[ft] if ft is not None else None)
-        result.feature_maps.append(env[fm] if fm is not None else None)
+        result.logits.append(env[heads.logits])
+        result.features.append(env[heads.features] if heads.features is not None else None)
+        result.feature_maps.append(env[heads.feature_map] if heads.feature_map is not None else None)
     result.cuts = dict(sorted(result.cuts.items()))  # depth-first pre-order, as run_tree
     return result
 
@@ -191,10 +191,10 @@ def views_cost(model: "BranchedModel", flops: dict[str, int]) -> tuple[int, int]
     """``(forward FLOPs with per-leaf views, without)`` from per-segment FLOPs (``describe``'s).
 
     Examples:
-        >>> views_cost(bm, {"trunk": 10, "b0": 1, "b1": 1})     # doctest: +SKIP
+        >>> views_cost(bm, {TRUNK_KEY: 10, "b0": 1, "b1": 1})     # doctest: +SKIP
         (22, 12)
     """
-    with_views = sum(flops[model_key(path[:d])] for path in model.leaf_paths for d in range(len(path) + 1))
+    with_views = sum(flops[segment_key(node)] for path in model.leaf_paths for node in lineage(path))
     return with_views, sum(flops.values())
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .spec import INPUT, Spec
+from .tree import TRUNK_KEY, TreePath
 
 
 def _plt():
@@ -23,10 +24,10 @@ def _plt():
     return plt
 
 
-def tree_layout(spec: Spec) -> dict[tuple[int, ...], tuple[float, float]]:
+def tree_layout(spec: Spec) -> dict[TreePath, tuple[float, float]]:
     """x = leaf order (internal nodes centred over their leaves), y = -level."""
     leaves = spec.leaf_paths()
-    pos: dict[tuple[int, ...], tuple[float, float]] = {}
+    pos: dict[TreePath, tuple[float, float]] = {}
     for i, p in enumerate(leaves):
         pos[p] = (float(i), -float(len(p)))
     for level in range(spec.num_levels - 1, -1, -1):
@@ -54,7 +55,7 @@ def draw_tree(spec: Spec, ax: Any = None, title: str | None = None) -> Any:
         leaf = "leaf" in g.nodes[p]
         color = "tab:red" if p == target else ("tab:blue" if leaf else "0.3")
         ax.scatter([x], [y], s=160 if p else 260, color=color, zorder=2)
-        label = ("trunk" if spec.splits[0] != INPUT else "input") if not p else (
+        label = (TRUNK_KEY if spec.splits[0] != INPUT else "input") if not p else (
             f"leaf {g.nodes[p]['leaf']}" if leaf else "")
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(0, -16 if leaf else 10),
                     ha="center", fontsize=8)

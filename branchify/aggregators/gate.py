@@ -7,6 +7,7 @@ from torch import nn
 
 from branchify.aggregators.base import Aggregator, AggregatorError, KDTerm, Targets, _model_attr, pool, require_size
 from branchify.outputs import BranchedOutput
+from branchify.tree import TreePath, segment_key
 
 
 def _per_sample(weight: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -28,16 +29,15 @@ def _next_block(gm: nn.Module, layer: str) -> str | None:
     return None
 
 
-def _check_cut_readable(model, cut: tuple[int, ...]) -> None:
+def _check_cut_readable(model, cut: TreePath) -> None:
     """Raise when the first layer reading ``cuts[cut]`` reads it reshaped (its width need not be the cut's)."""
-    from branchify.surgery.batched import model_key
     from branchify.surgery.widths import regrouped_width
 
     layout, segments = getattr(model, "layout", None), getattr(model, "segments", None)
     children = getattr(layout, "children", {}).get(cut) if segments is not None else None
     if not children or layout.cut_names[len(children[0])] is None:
         return
-    gm = segments[model_key(children[0])]
+    gm = segments[segment_key(children[0])]
     found = regrouped_width(gm, layout.cut_names[len(children[0])])
     if found is None:
         return
@@ -76,7 +76,7 @@ class Gate(Aggregator):
     """
 
     def __init__(self, channels: int | None = None, num_leaves: int | None = None, *,
-                 cut: tuple[int, ...] = (), detach: bool = True) -> None:
+                 cut: TreePath = (), detach: bool = True) -> None:
         super().__init__(detach=detach)
         self.channels = channels
         self.num_leaves = num_leaves

@@ -45,13 +45,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..autograd import scale_grad
 from ..errors import BranchifyError
+from ..tree import TreePath, segment_key
 from .stacking import stack_replicas, write_back
 from .vmap_batchnorm import vmap_template
 
 if TYPE_CHECKING:
     from ..spec import Spec
 
-Path = tuple[int, ...]
 BatchedMode = Union[bool, str]
 """``True`` (always vmap), ``False`` (always the loop) or ``"auto"`` (vmap on CUDA, loop elsewhere)."""
 
@@ -66,16 +66,6 @@ class NotBatchable(BranchifyError, RuntimeError):
     def __init__(self, message: str, permanent: bool = True) -> None:
         super().__init__(message)
         self.permanent = permanent
-
-
-def model_key(path: Path) -> str:
-    """Segment key of a tree path (``()`` -> ``"trunk"``, ``(0, 1)`` -> ``"b0_1"``).
-
-    Examples:
-        >>> model_key(()), model_key((0, 1))
-        ('trunk', 'b0_1')
-    """
-    return "trunk" if not path else "b" + "_".join(map(str, path))
 
 
 def check_mode(value: Any) -> BatchedMode:
@@ -114,9 +104,9 @@ class ReplicaGroup:
     """
 
     level: int
-    parents: list[Path]
+    parents: list[TreePath]
     fanout: int
-    members: list[Path]
+    members: list[TreePath]
     param_names: list[str]
     buffer_names: list[str]
     disabled: str | None = None
@@ -129,7 +119,7 @@ class ReplicaGroup:
 class BatchPlan:
     """Per replicated level (index 0 = level 1): groups and single replicas (loop)."""
 
-    levels: list[list[ReplicaGroup | Path]]
+    levels: list[list[ReplicaGroup | TreePath]]
 
     @property
     def groups(self) -> list[ReplicaGroup]:
@@ -146,11 +136,11 @@ def _signature(gm: fx.GraphModule) -> tuple:
 
 def plan_groups(spec: "Spec", segments: dict[str, fx.GraphModule] | nn.ModuleDict) -> BatchPlan:
     """Group every level's replicas into batchable sets (see the module docstring)."""
-    levels: list[list[ReplicaGroup | Path]] = []
+    levels: list[list[ReplicaGroup | TreePath]] = []
     for level in range(1, spec.num_levels + 1):
         paths = spec.level_paths(level)
-        sig = {p: _signature(segments[model_key(p)]) for p in paths}
-        by_parent: dict[Path, list[Path]] = {}
+        sig = {p: _signature(segments[segment_key(p)]) for p in paths}
+        by_parent: dict[TreePath, list[TreePath]] = {}
         for p in paths:
             by_parent.setdefault(p[:-1], []).append(p)
         counts = {len(c) for c in by_parent.values()}
@@ -159,20 +149,20 @@ def plan_groups(spec: "Spec", segments: dict[str, fx.GraphModule] | nn.ModuleDic
         else:
             buckets = []
             for parent, children in by_parent.items():
-                same: dict[tuple, list[Path]] = {}
+                same: dict[tuple, list[TreePath]] = {}
                 for c in children:
                     same.setdefault(sig[c], []).append(c)
                 buckets.extend(([parent], len(m), m) for m in same.values())
-        units: list[ReplicaGroup | Path] = []
+        units: list[ReplicaGroup | TreePath] = []
         for parents, fanout, members in buckets:
             if len(members) < 2:
                 units.append(members[0])
                 continue
-            template = segments[model_key(members[0])]
+            template = segments[segment_key(members[0])]
             group = ReplicaGroup(level, parents, fanout, list(members),
                                  [n for n, _ in template.named_parameters()],
                                  [n for n, _ in template.named_buffers()])
-            _slots(group, [segments[model_key(p)] for p in members])
+            _slots(group, [segments[segment_key(p)] for p in members])
             units.append(group)
         levels.append(units)
     return BatchPlan(levels)
@@ -240,11 +230,11 @@ def _cumulative_momentum(slots: _Slots, buffers: dict[str, torch.Tensor]) -> Ite
             m.momentum = None
 
 
-def group_forward(segments: nn.ModuleDict, group: ReplicaGroup, envs: dict[Path, dict[str, Any]],
+def group_forward(segments: nn.ModuleDict, group: ReplicaGroup, envs: dict[TreePath, dict[str, Any]],
                   origin: dict[int, tuple[torch.Tensor, int]], names: list[str],
                   scale: float) -> dict[str, torch.Tensor]:
     """One vmapped call for all replicas of ``group``: their outputs stacked ``[R, ...]``."""
-    segs = [segments[model_key(p)] for p in group.members]
+    segs = [segments[segment_key(p)] for p in group.members]
     template = segs[0]
     if any(s.training != template.training for s in segs):
         raise NotBatchable("replicas are in different train/eval modes", permanent=False)

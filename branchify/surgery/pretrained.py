@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..spec import SpecError
+from ..tree import TreePath, lineage, segment_key
 
 HEAD_INITS = {
     "donor": "a fresh model_fn() per replica (the architecture's own init)",
@@ -247,12 +248,12 @@ def pretrained_peers(model: nn.Module, n: int = 2, *, head: Sequence[str] | None
     return peers
 
 
-def apply_pretrained(segments: dict[str, nn.Module], leaf_paths: Sequence[tuple[int, ...]], head: Sequence[str],
+def apply_pretrained(segments: dict[str, nn.Module], leaf_paths: Sequence[TreePath], head: Sequence[str],
                      how: str, *, original: nn.Module, model_fn: Callable[[], nn.Module] | None,
                      noise: float, tied: Sequence[str] = ()) -> dict[int, list[str]]:
     """Give the replicas of a branched model ``init="pretrained"``'s treatment, in place.
 
-    ``segments`` are keyed like :func:`branchify.surgery.batched.model_key`; every leaf but leaf 0
+    ``segments`` are keyed by :func:`branchify.tree.segment_key`; every leaf but leaf 0
     gets its head re-initialised in its last segment (so no two leaves start identical, whatever
     the tree), and with ``noise`` every segment off leaf 0's path is perturbed. ``tied`` names
     parameters that are later replaced by a shared one (left alone). Returns leaf -> the parameter
@@ -262,20 +263,18 @@ def apply_pretrained(segments: dict[str, nn.Module], leaf_paths: Sequence[tuple[
         >>> done = apply_pretrained(bm_segments, spec.leaf_paths(), ["fc"], "reset",
         ...                         original=net, model_fn=None, noise=0.0)   # doctest: +SKIP
     """
-    from .batched import model_key
-
     done: dict[int, list[str]] = {}
     for leaf, path in enumerate(leaf_paths):
         if leaf == 0:
             continue
-        seg = segments[model_key(path)]
+        seg = segments[segment_key(path)]
         names = reinit_head(seg, head, how, original=original, model_fn=model_fn, skip=tied)
         done[leaf] = names
     if noise:
-        zero = {model_key(leaf_paths[0][:d]) for d in range(len(leaf_paths[0]) + 1)}
+        zero = {segment_key(p) for p in lineage(leaf_paths[0])}  # leaf 0's lineage: the original model
         for key, seg in segments.items():
             if key not in zero:
-                leaf = next((i for i, p in enumerate(leaf_paths) if model_key(p) == key), None)
+                leaf = next((i for i, p in enumerate(leaf_paths) if segment_key(p) == key), None)
                 add_noise(seg, noise, skip=done.get(leaf, []))
     if head and not noise and len(leaf_paths) > 1 and not any(done.values()):
         warnings.warn(f"init='pretrained': the head {list(head)} has no parameter of its own to re-initialise "

@@ -14,15 +14,32 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from ..autograd import scale_grad
-from .batched import BatchPlan, NotBatchable, ReplicaGroup, group_forward, model_key
+from ..tree import TRUNK_KEY, TreePath, segment_key
+from .batched import BatchPlan, NotBatchable, ReplicaGroup, group_forward
 
-Path = tuple[int, ...]
+
+class Heads(NamedTuple):
+    """The fx value names a leaf's outputs are read from.
+
+    Attributes:
+        logits: the leaf's logits (the traced model's output).
+        features: the pooled features (the final Linear's input), ``None`` if not found.
+        feature_map: the last spatial feature map, ``None`` if not found.
+
+    Examples:
+        >>> Heads("fc", "flatten", "layer4").features
+        'flatten'
+    """
+
+    logits: str
+    features: str | None
+    feature_map: str | None
 
 
 @dataclass(frozen=True)
@@ -32,7 +49,7 @@ class TreeLayout:
     Attributes:
         level_inputs: per level (0 = trunk), the values its segment takes.
         cut_names: per level >= 1, the main value entering it (index 0 unused; ``None`` if unknown).
-        heads: the leaves' (logits, features, feature map) value names (the last two may be ``None``).
+        heads: the value names a leaf's logits, features and feature map are read from (:class:`Heads`).
         grad_scale: per replicated level (index 0 = level 1), the factor on gradients flowing back
             into its parent.
         children: tree path -> child paths, in order.
@@ -41,10 +58,10 @@ class TreeLayout:
 
     level_inputs: list[list[str]]
     cut_names: list[str | None]
-    heads: tuple[str, str | None, str | None]
+    heads: Heads
     grad_scale: list[float]
-    children: dict[Path, list[Path]]
-    leaf_paths: list[Path]
+    children: dict[TreePath, list[TreePath]]
+    leaf_paths: list[TreePath]
 
 
 @dataclass
@@ -54,7 +71,7 @@ class TreeResult:
     logits: list[torch.Tensor]
     features: list[torch.Tensor | None]
     feature_maps: list[torch.Tensor | None]
-    cuts: dict[Path, torch.Tensor]
+    cuts: dict[TreePath, torch.Tensor]
 
 
 def call_segment(seg: nn.Module, names: list[str], env: dict[str, Any], scale: float) -> dict[str, Any]:
@@ -66,7 +83,7 @@ def call_segment(seg: nn.Module, names: list[str], env: dict[str, Any], scale: f
     return {**env, **seg(**inputs)}
 
 
-def _run_group(segments: nn.ModuleDict, group: ReplicaGroup, envs: dict[Path, dict[str, Any]],
+def _run_group(segments: nn.ModuleDict, group: ReplicaGroup, envs: dict[TreePath, dict[str, Any]],
                origin: dict[int, tuple[torch.Tensor, int]], names: list[str], scale: float, strict: bool) -> None:
     """One vmapped call for ``group``; on failure (``strict=False``) the loop, and the group is
     disabled for later calls when vmap can never run it."""
@@ -78,15 +95,15 @@ def _run_group(segments: nn.ModuleDict, group: ReplicaGroup, envs: dict[Path, di
         except Exception as exc:
             if strict:
                 raise RuntimeError(
-                    f"batched=True: replicas {[model_key(p) for p in group.members]} cannot run as one "
+                    f"batched=True: replicas {[segment_key(p) for p in group.members]} cannot run as one "
                     f"vmapped call ({type(exc).__name__}: {exc}); use batched='auto' (falls back to one "
                     f"call per replica) or batched=False") from exc
             # The loop tells a vmap limitation from bad inputs: with bad inputs it raises too.
             for p in group.members:
-                envs[p] = call_segment(segments[model_key(p)], names, envs[p[:-1]], scale)
+                envs[p] = call_segment(segments[segment_key(p)], names, envs[p[:-1]], scale)
             if not isinstance(exc, NotBatchable) or exc.permanent:
                 group.disabled = f"{type(exc).__name__}: {exc}"
-                warnings.warn(f"replicas {[model_key(p) for p in group.members]} run one call each from now "
+                warnings.warn(f"replicas {[segment_key(p) for p in group.members]} run one call each from now "
                               f"on: vmap cannot run them ({group.disabled})", stacklevel=5)
             return
     for i, p in enumerate(group.members):
@@ -108,7 +125,7 @@ def run_tree(segments: nn.ModuleDict, layout: TreeLayout, plan: BatchPlan, env: 
         vmap: run each enabled group as one vmapped call (else one call per replica).
         strict: with ``vmap``, raise instead of falling back to the loop when vmap fails.
     """
-    envs: dict[Path, dict[str, Any]] = {(): call_segment(segments["trunk"], layout.level_inputs[0], env, 1.0)}
+    envs: dict[TreePath, dict[str, Any]] = {(): call_segment(segments[TRUNK_KEY], layout.level_inputs[0], env, 1.0)}
     origin: dict[int, tuple[torch.Tensor, int]] = {}  # id(slice) -> (stacked output, index)
     for level, units in enumerate(plan.levels, start=1):
         names = layout.level_inputs[level]
@@ -122,13 +139,13 @@ def run_tree(segments: nn.ModuleDict, layout: TreeLayout, plan: BatchPlan, env: 
             else:
                 members = [unit]
             for p in members:
-                envs[p] = call_segment(segments[model_key(p)], names, envs[p[:-1]], scale)
-    lg, ft, fm = layout.heads
+                envs[p] = call_segment(segments[segment_key(p)], names, envs[p[:-1]], scale)
+    heads = layout.heads
     result = TreeResult([], [], [], {})
     for p in layout.leaf_paths:
-        result.logits.append(envs[p][lg])
-        result.features.append(envs[p][ft] if ft is not None else None)
-        result.feature_maps.append(envs[p][fm] if fm is not None else None)
+        result.logits.append(envs[p][heads.logits])
+        result.features.append(envs[p][heads.features] if heads.features is not None else None)
+        result.feature_maps.append(envs[p][heads.feature_map] if heads.feature_map is not None else None)
     for p in sorted(envs):  # tuples sort in depth-first pre-order
         cut = layout.cut_names[len(p) + 1] if layout.children[p] else None
         if cut is not None:

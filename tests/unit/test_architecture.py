@@ -235,3 +235,30 @@ def test_no_benchmark_driver_in_the_package():
     drivers = [m for m in MODULES if "benchmark" in m]
     assert len(MODULES) > 20, "found almost no modules: wrong package root?"
     assert not drivers, f"benchmark drivers inside the package (move them to benchmarks/): {drivers}"
+
+
+TREE_HOME = "branchify.tree"  # the tree vocabulary: node paths, segment keys, the child-0 rule
+
+
+def _tree_vocabulary_restated(path: Path) -> list[str]:
+    """Places in a module that spell out the tree vocabulary instead of importing it from ``branchify.tree``:
+    the trunk's segment key as a literal, a ``Path``/``TreePath`` alias of its own, a ``model_key``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Constant) and node.value == "trunk":
+            found.append(f'line {node.lineno}: the literal "trunk" (use tree.TRUNK_KEY / segment_key)')
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = [t.id for t in targets if isinstance(t, ast.Name)]
+            if {"Path", "TreePath"} & set(names) and "tuple" in ast.unparse(node.value or ast.Constant(None)):
+                found.append(f"line {node.lineno}: a tree-path alias {names} (use tree.TreePath)")
+        elif isinstance(node, ast.FunctionDef) and node.name in ("model_key", "segment_key"):
+            found.append(f"line {node.lineno}: def {node.name} (use tree.segment_key)")
+    return found
+
+
+def test_tree_vocabulary_has_one_home():
+    assert _tree_vocabulary_restated(MODULES[TREE_HOME]), "the vocabulary's home defines none of it: parser broken?"
+    bad = [f"{module} {where}" for module, path in MODULES.items() if module != TREE_HOME
+           for where in _tree_vocabulary_restated(path)]
+    assert not bad, f"the tree vocabulary restated outside {TREE_HOME}: {bad}"
