@@ -18,13 +18,14 @@ from .surgery.init import INIT_DESCRIPTIONS, reinitialise, resolve_init
 from .surgery.partition import make_inplace_safe, partition
 from .surgery.pretrained import apply_pretrained, describe_pretrained, head_init_method, head_paths
 from .surgery.runner import Heads, TreeLayout
-from .surgery.tracing import trace
+from .surgery.tracing import TracedCopy, TraceError, traced_copy
 from .tree import Node, TreePath, segment_key
 
 
 def branchify(model: nn.Module, spec: Spec, *, model_fn: Callable[[], nn.Module] | None = None,
               tracer: fx.Tracer | None = None, feature_node: str | None = None,
-              batched: BatchedMode = "auto", init_noise: float = 0.0) -> BranchedModel:
+              batched: BatchedMode = "auto", init_noise: float = 0.0,
+              traced: TracedCopy | None = None) -> BranchedModel:
     """Cut ``model`` at ``spec.splits`` and grow the branch tree ``spec`` describes.
 
     The model is traced with torch.fx (``tracer`` overrides the default; Hugging Face models get
@@ -44,6 +45,9 @@ def branchify(model: nn.Module, spec: Spec, *, model_fn: Callable[[], nn.Module]
             (on CUDA, where it is faster; one call per replica elsewhere), ``True`` or ``False``.
             Only the execution changes (see :attr:`BranchedModel.batched`).
         init_noise: ``init="pretrained"`` only: noise (x each tensor's std) on replicas off leaf 0's path.
+        traced: a :func:`~branchify.surgery.tracing.traced_copy` of ``model`` made with the same
+            ``tracer`` (the default split's, ``DefaultSplits.traced``): cut instead of copying and
+            tracing the model again. It must be made from the model as it is now.
 
     Example:
         >>> net = torchvision.models.resnet18(num_classes=10)
@@ -59,9 +63,13 @@ def branchify(model: nn.Module, spec: Spec, *, model_fn: Callable[[], nn.Module]
         model_fn = plugin.model_fn(model)
     how, detected = _resolve_init(spec, model, model_fn, plugin, init_noise)
     targets = prepare_deepen(model, spec.deepen, tracer)
-    work = copy.deepcopy(model)
+    if traced is None:
+        traced = traced_copy(model, tracer)
+    elif not traced.made_from(model, tracer):
+        raise TraceError("traced= is a copy of another model or was traced with another tracer; pass the "
+                         "traced_copy(model, tracer) of this model and tracer, or leave traced=None")
+    work, gm = traced.work, traced.graph
     was_training = work.training
-    gm = trace(work, tracer)
     part = partition(gm, spec.splits, feature_node)
     sd_orig = work.state_dict()
     part.unexecuted = _unexecuted(sd_orig, part.levels)

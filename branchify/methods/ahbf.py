@@ -52,6 +52,7 @@ def _body_blocks(model: nn.Module, o: dict) -> list[str]:
             chosen = default_splits(model, 1, o.get("tracer"))
         except ValueError:  # no body: the stage count is then 0 (aux 4)
             return []
+        o["_default_splits"] = chosen  # its traced copy is what branchify() then cuts
     return chosen.blocks
 
 

@@ -99,7 +99,12 @@ def get_preset(name: str) -> Preset:
 
 @dataclass(frozen=True)
 class Resolved:
-    """A method built around one model, before the model is branchified."""
+    """A method built around one model, before the model is branchified.
+
+    When the builder chose the default split, ``branchify_kwargs["traced"]`` is the traced copy of
+    the model that choice was read from, so ``branchify(model, spec, **branchify_kwargs)`` cuts it
+    instead of tracing the model a second time (branchify right away: it is the model as it was).
+    """
 
     spec: Spec
     aggregator: Aggregator
@@ -141,6 +146,9 @@ def resolve(name: str, model: nn.Module, overrides: dict[str, Any]) -> Resolved:
                "tracer": overrides.get("tracer")}  # builders trace with it when they choose a split
     spec, aggregator, loss_kwargs = preset.build(model, options)
     branchify_kwargs = {k: overrides[k] for k in BRANCHIFY_OPTIONS if k in overrides}
+    chosen = options.get("_default_splits")
+    if chosen is not None and chosen.traced is not None:  # the default split's traced copy: no second trace
+        branchify_kwargs["traced"] = chosen.traced
     model_options = {k: overrides[k] for k in MODEL_OPTIONS if k in overrides}
     check_views(model_options.get("views"))
     model_options["setup"] = list(options.get("_setup", ()))

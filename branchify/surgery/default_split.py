@@ -18,15 +18,14 @@ Examples:
 """
 from __future__ import annotations
 
-import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.fx as fx
 from torch import nn
 
 from .partition import list_split_points
-from .tracing import trace
+from .tracing import TracedCopy, traced_copy
 
 
 @dataclass(frozen=True)
@@ -37,6 +36,8 @@ class DefaultSplits:
     body: str
     blocks: list[str]
     reason: str
+    traced: TracedCopy | None = field(default=None, repr=False, compare=False)
+    """The traced copy the choice was read from (``branchify(..., traced=)`` cuts it, no second trace)."""
 
 
 def _first_run(path: str, executed: list[str]) -> int | None:
@@ -115,10 +116,12 @@ def pick_blocks(blocks: list[str], levels: int) -> list[str]:
 def default_splits(model: nn.Module, levels: int = 1, tracer: fx.Tracer | None = None) -> DefaultSplits:
     """The default split points of ``model`` for a tree of ``levels`` levels (see the module docstring).
 
-    The model is traced on a deep copy, so tracing can leave nothing behind in ``model``.
+    The model is traced on a deep copy, so tracing can leave nothing behind in ``model``; the copy
+    comes back as ``traced``.
     """
-    work = copy.deepcopy(model)
-    executed = [p for p in list_split_points(trace(work, tracer))
+    traced = traced_copy(model, tracer)
+    work = traced.work
+    executed = [p for p in list_split_points(traced.graph)
                 if p != "<input>"]
     body, blocks = find_body(work, executed)
     if len(blocks) < levels + 1:
@@ -129,4 +132,4 @@ def default_splits(model: nn.Module, levels: int = 1, tracer: fx.Tracer | None =
     where = f"'{body}'" if body else "the top level"
     reason = (f"default split {splits}: the body {where} has {len(blocks)} blocks ({blocks[0]} .. {blocks[-1]}); "
               f"{'one level cuts at block ceil(2n/3)' if levels == 1 else 'two levels cut at ceil(n/3), ceil(2n/3)'}")
-    return DefaultSplits(splits=splits, body=body, blocks=blocks, reason=reason)
+    return DefaultSplits(splits=splits, body=body, blocks=blocks, reason=reason, traced=traced)

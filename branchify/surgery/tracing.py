@@ -1,9 +1,10 @@
 """Tracing a model into an fx graph, with errors that say what to do when it fails."""
 from __future__ import annotations
 
+import copy
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import torch.fx as fx
 from torch import nn
@@ -138,6 +139,41 @@ def trace(model: nn.Module, tracer: fx.Tracer | None = None,
         ) from exc
     follow_training_mode(graph)  # training=self.training arguments follow .train()/.eval()
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+class TracedCopy(NamedTuple):
+    """A deep copy of a model and the GraphModule traced from it (sharing the copy's modules).
+
+    Attributes:
+        source: the model that was copied (never mutated).
+        work: the deep copy.
+        graph: the copy traced with ``tracer``.
+        tracer: the ``tracer`` argument it was traced with (``None``: the model's plugin chose).
+    """
+
+    source: nn.Module
+    work: nn.Module
+    graph: fx.GraphModule
+    tracer: fx.Tracer | None
+
+    def made_from(self, model: nn.Module, tracer: fx.Tracer | None) -> bool:
+        """Whether this is a copy of ``model`` traced with the same ``tracer`` argument."""
+        return self.source is model and self.tracer is tracer
+
+
+def traced_copy(model: nn.Module, tracer: fx.Tracer | None = None) -> TracedCopy:
+    """Deep-copy ``model`` and :func:`trace` the copy, so tracing leaves nothing behind in ``model``.
+
+    The default split reads its choice from one, and :func:`branchify.branchify` cuts the same one
+    (``traced=``) instead of copying and tracing the model a second time.
+
+    Examples:
+        >>> t = traced_copy(net)                                   # doctest: +SKIP
+        >>> t.graph.get_submodule("fc") is t.work.fc, t.source is net   # doctest: +SKIP
+        (True, True)
+    """
+    work = copy.deepcopy(model)
+    return TracedCopy(model, work, trace(work, tracer), tracer)
 
 
 def node_module_path(node: fx.Node) -> str:
