@@ -28,12 +28,14 @@ class _Fusion(nn.Module):
         return fused, s
 
 
-def _fusable(out: BranchedOutput) -> list[torch.Tensor]:
-    """The leaves' feature maps ``[B, C, H, W]``; without them (a ViT, BERT or Llama: no map before
-    the classifier) the features as maps: ``[B, C]`` as ``[B, C, 1, 1]`` and token features
-    ``[B, L, C]`` as ``[B, C, L, 1]``, so the 1x1 fusion is a per-token linear layer."""
+def _fusable(out: BranchedOutput, channels: int | None = None) -> list[torch.Tensor]:
+    """The leaves' feature maps ``[B, C, H, W]`` (a channels-last ``[B, H, W, C]`` map, timm's Swin,
+    permuted); without them (a ViT, BERT or Llama: no map before the classifier) the features as
+    maps: ``[B, C]`` as ``[B, C, 1, 1]`` and token features ``[B, L, C]`` as ``[B, C, L, 1]``, so
+    the 1x1 fusion is a per-token linear layer."""
     if out.feature_maps and all(f is not None and f.dim() == 4 for f in out.feature_maps):
-        return list(out.feature_maps)
+        return [f.permute(0, 3, 1, 2) if f.shape[1] != channels and f.shape[-1] == channels else f
+                for f in out.feature_maps]
     maps = []
     for m, f in enumerate(out.features or [None] * len(out.logits)):
         if f is None or f.dim() not in (2, 3):
@@ -116,7 +118,7 @@ class HierarchicalTA(Aggregator):
         if self.fusions is None:
             require_size(self.channels, "the channels of out.feature_maps", "channels", "HierarchicalTA")
             require_size(self.num_leaves, "the number of leaves", "num_leaves", "HierarchicalTA")
-        maps = _fusable(out)
+        maps = _fusable(out, self.channels)
         l1, l2 = self.lambdas
         assert self.fusions is not None
         fused, z_ta = maps[0], out.logits[0]

@@ -81,3 +81,15 @@ def test_needs_feature_maps_and_two_leaves(output):
         HierarchicalTA(channels=16, num_leaves=1)
     with pytest.raises(AggregatorError, match="channels="):
         HierarchicalTA()(output(k=3))
+
+
+def test_channels_last_maps_fuse_as_channels_first(output):
+    """timm's Swin reports its pre-pool map as [B, H, W, C]: it fuses as the [B, C, H, W] map."""
+    torch.manual_seed(0)
+    agg = HierarchicalTA(channels=16, num_leaves=3)
+    first = output(k=3, feat=16)
+    last = output(k=3, feat=16)
+    last.logits, last.features = first.logits, first.features
+    last.feature_maps = [f.permute(0, 2, 3, 1) for f in first.feature_maps]
+    assert last.feature_maps[0].shape[-1] == 16 != last.feature_maps[0].shape[1]
+    torch.testing.assert_close(agg(last).ce["ta2"], agg(first).ce["ta2"], rtol=0, atol=0)
