@@ -160,10 +160,11 @@ def make_copies(work: nn.Module, t: Target, count: int, reinit, deepen_init: str
         reinit(blk, t.block + ".")
         how = "the architecture's own init" if deepen_init != "identity" else identity_init_how(blk, t.call)
         if how is None:
+            unchecked = '' if t.call is not None else '; the model could not be run on a synthesised input to check'
             raise SpecError(f"deepen_init='identity': copies of {t.block} ({type(blk).__name__}) could not be made "
                             f"to start as the identity (no own zero_init_last(), layer scale, last normalisation "
                             f"scale or last projection of each residual branch whose zero silences it"
-                            f"{'' if t.call is not None else '; the model could not be run on a synthesised input to check'}); "
+                            f"{unchecked}); "
                             f"pass deepen_init='standard' to keep the architecture's own init")
         t.how = how if deepen_init != "identity" else f"the identity ({how})"
         copies.append(blk)

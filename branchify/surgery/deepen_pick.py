@@ -66,7 +66,8 @@ def candidates(model: nn.Module, calls: dict[str, Call], after: str) -> list[str
         parent = model.get_submodule(parent_path) if parent_path else model
         call = calls.get(path)
         if (not path or not isinstance(parent, _CONTAINERS) or call is None or call.count != 1
-                or call.start < start or after.startswith(path + ".") or not any(p.dim() >= 2 for p in module.parameters())
+                or call.start < start or after.startswith(path + ".")
+                or not any(p.dim() >= 2 for p in module.parameters())
                 or (getattr(calls, "traced", None) and path not in calls.traced)):
             continue
         if call.keeps_shape():
@@ -96,7 +97,8 @@ def pick_block(model: nn.Module, after: str, body_blocks: list[str], tracer: fx.
         SpecError: no block qualifies; the message names what would work instead.
 
     Examples:
-        >>> pick_block(torchvision.models.resnet18(), "layer4", ["layer1", "layer2", "layer3", "layer4"])  # doctest: +SKIP
+        >>> stages = ["layer1", "layer2", "layer3", "layer4"]
+        >>> pick_block(torchvision.models.resnet18(), "layer4", stages)  # doctest: +SKIP
         DeepenPick(key='layer4', block='layer4.1', how="the scale of its last normalisation layer 'bn2' at 0", stages=4)
     """
     calls = record_calls(model, None, tracer)
@@ -119,5 +121,6 @@ def pick_block(model: nn.Module, after: str, body_blocks: list[str], tracer: fx.
                         f"architecture's own init, as the AHBF authors' code builds them) or aux=0 (no deepening)")
     raise SpecError(f"AHBF found no block after {after!r} that keeps the shape of its input and runs once as "
                     f"itself (in {type(model).__name__} each one there downsamples, widens or concatenates, is shared, "
-                    f"or runs inside a tracer's leaf module), so no copies can follow one. Pass aux=0 (4 leaves of equal depth with the hierarchical TAs), use "
+                    f"or runs inside a tracer's leaf module), so no copies can follow one. Pass aux=0 (4 leaves "
+                    f"of equal depth with the hierarchical TAs), use "
                     f"another preset (bf.method('one', model)), or name a block with deepen_container=...")

@@ -229,7 +229,8 @@ def silence_branches(block: nn.Module, call: Call | None) -> str | None:
     x = call.hidden_out if call.hidden_out is not None else call.hidden_in
     rec = _record(block, call)
     branches = sorted(((p, r) for p, r in rec.items() if r[3] is not None and r[3].numel() == x.numel()
-                       and not _is_norm(block.get_submodule(p)) and any(True for _ in block.get_submodule(p).parameters())),
+                       and not _is_norm(block.get_submodule(p))
+                       and any(True for _ in block.get_submodule(p).parameters())),
                       key=lambda pr: (-pr[1][1], -pr[0].count(".")))
     limit, zeroed = float("inf"), []
     for path, (start, end, _, _) in branches:
