@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..spec import SpecError
-from ..tree import TreePath, lineage, segment_key
+from ..tree import TreePath, is_original_lineage, lineage, segment_key
 
 HEAD_INITS = {
     "donor": "a fresh model_fn() per replica (the architecture's own init)",
@@ -265,17 +265,17 @@ def apply_pretrained(segments: dict[str, nn.Module], leaf_paths: Sequence[TreePa
     """
     done: dict[int, list[str]] = {}
     for leaf, path in enumerate(leaf_paths):
-        if leaf == 0:
+        if is_original_lineage(path):  # leaf 0 keeps the model's own head
             continue
         seg = segments[segment_key(path)]
         names = reinit_head(seg, head, how, original=original, model_fn=model_fn, skip=tied)
         done[leaf] = names
     if noise:
-        zero = {segment_key(p) for p in lineage(leaf_paths[0])}  # leaf 0's lineage: the original model
-        for key, seg in segments.items():
-            if key not in zero:
-                leaf = next((i for i, p in enumerate(leaf_paths) if segment_key(p) == key), None)
-                add_noise(seg, noise, skip=done.get(leaf, []))
+        node_of = {segment_key(p): p for path in leaf_paths for p in lineage(path)}
+        leaf_of = {path: leaf for leaf, path in enumerate(leaf_paths)}
+        for key, seg in segments.items():  # in the segments' order, so the noise draws keep theirs
+            if not is_original_lineage(node_of[key]):
+                add_noise(seg, noise, skip=done.get(leaf_of.get(node_of[key]), []))
     if head and not noise and len(leaf_paths) > 1 and not any(done.values()):
         warnings.warn(f"init='pretrained': the head {list(head)} has no parameter of its own to re-initialise "
                       f"(tied to the rest of the network), so every leaf starts as leaf 0 and only dropout "
