@@ -137,8 +137,11 @@ def _signature(gm: fx.GraphModule) -> tuple:
 def plan_groups(spec: "Spec", segments: dict[str, fx.GraphModule] | nn.ModuleDict) -> BatchPlan:
     """Group every level's replicas into batchable sets (see the module docstring)."""
     levels: list[list[ReplicaGroup | TreePath]] = []
-    for level in range(1, spec.num_levels + 1):
-        paths = spec.level_paths(level)
+    by_level: dict[int, list[TreePath]] = {}
+    for node in spec.nodes():
+        if node.level:
+            by_level.setdefault(node.level, []).append(node.path)
+    for level, paths in by_level.items():
         sig = {p: _signature(segments[segment_key(p)]) for p in paths}
         by_parent: dict[TreePath, list[TreePath]] = {}
         for p in paths:
