@@ -37,6 +37,7 @@ from torch import nn
 
 from .aggregators.base import Aggregator
 from .outputs import BranchedOutput, Targets
+from .tree import TreePath
 
 if TYPE_CHECKING:
     from .spec import Spec
@@ -71,7 +72,7 @@ class LeafModel(nn.Module, abc.ABC):
     """
 
     spec: "Spec"
-    leaf_paths: list[tuple[int, ...]]
+    leaf_paths: list[TreePath]
     aggregator: Aggregator | None
 
     def __init__(self) -> None:
@@ -98,7 +99,7 @@ class LeafModel(nn.Module, abc.ABC):
         """Channels of ``out.feature_maps`` (``None`` if there are none)."""
         return None
 
-    def cut_channels(self, path: tuple[int, ...] = ()) -> int | None:
+    def cut_channels(self, path: TreePath = ()) -> int | None:
         """Channels of ``out.cuts[path]`` (``None`` if there is no such cut)."""
         return None
 

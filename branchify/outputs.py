@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from .tree import TreePath
+
 
 @dataclass
 class KDTerm:
@@ -96,8 +98,8 @@ class BranchedOutput:
     logits: list[torch.Tensor]
     features: list[torch.Tensor | None]
     feature_maps: list[torch.Tensor | None]
-    cuts: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
-    leaf_paths: list[tuple[int, ...]] = field(default_factory=list)
+    cuts: dict[TreePath, torch.Tensor] = field(default_factory=dict)
+    leaf_paths: list[TreePath] = field(default_factory=list)
     targets: Targets | None = None
     temporal: "BranchedOutput | None" = None
     hybrid: "BranchedOutput | None" = None
