@@ -225,3 +225,25 @@ def test_online_kd_call_compiles_with_chunks(fake_model, output):
     ref = torch.autograd.grad(eager, out.logits)
     for g, r in zip(torch.autograd.grad(compiled, out.logits), ref):
         torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-7)
+
+
+def test_online_kd_auto_chunks_large_token_outputs_only(fake_model, output, monkeypatch):
+    """The default ``token_chunk="auto"`` takes the chunked path above the threshold (lowered here),
+    for token-level labels only."""
+    import branchify.online_kd as online_kd
+    from branchify.aggregators import Mean
+    from branchify.online_kd import OnlineKD
+
+    calls = []
+    real = online_kd.chunked_terms
+    monkeypatch.setattr(online_kd, "chunked_terms", lambda *a, **k: calls.append(k["chunk"]) or real(*a, **k))
+    model = fake_model(num_leaves=3)
+    okd = OnlineKD(model, Mean())
+    tokens = torch.randint(0, 5, (6, 4), generator=torch.Generator().manual_seed(0))
+    okd(model(output(k=3, tokens=4)), tokens)
+    assert calls == []  # 6 x 4 x 5 x 4 elements: far below the threshold
+    monkeypatch.setattr(token_chunks, "AUTO_MIN_ELEMENTS", 6 * 4 * 5 * 4)
+    okd(model(output(k=3, tokens=4)), tokens)
+    assert calls == [max(1, token_chunks.AUTO_CHUNK_ELEMENTS // (5 * 4))]
+    okd(model(output(k=3)), torch.randint(0, 5, (6,)))
+    assert len(calls) == 1  # [B] classification labels: never chunked automatically
