@@ -5,8 +5,14 @@ import torch
 
 from branchify import token_chunks
 from branchify.functional import cross_entropy, kl_div_logits, valid_mask
-from branchify.token_chunks import (ChunkedTokenLoss, TokenChunkError, check_token_chunk, chunked_terms,
-                                    count_distinct, resolve_chunk)
+from branchify.token_chunks import (
+    ChunkedTokenLoss,
+    TokenChunkError,
+    check_token_chunk,
+    chunked_terms,
+    count_distinct,
+    resolve_chunk,
+)
 
 RTOL, ATOL = 1e-10, 1e-13
 
