@@ -1,6 +1,6 @@
 """branchify: online knowledge distillation as a one-line change to any PyTorch model.
 
-Example:
+Examples:
     >>> import torchvision, branchify as bf
     >>> net = torchvision.models.resnet18(num_classes=10)
     >>> bm = bf.branchify(net, bf.Spec(splits=["layer4"], fanout=[3]))    # ONE's tree

@@ -49,7 +49,7 @@ def branchify(model: nn.Module, spec: Spec, *, model_fn: Callable[[], nn.Module]
             ``tracer`` (the default split's, ``DefaultSplits.traced``): cut instead of copying and
             tracing the model again. It must be made from the model as it is now.
 
-    Example:
+    Examples:
         >>> net = torchvision.models.resnet18(num_classes=10)
         >>> bm = branchify(net, Spec(splits=["layer3", "layer4"], fanout=[2, 2]))
         >>> [z.shape for z in bm(torch.randn(2, 3, 32, 32)).logits]   # doctest: +SKIP

@@ -8,7 +8,7 @@ logits and penultimate features, and it has ``num_leaves``, ``leaf_paths``, ``sp
 network-based OKDDip (:class:`~branchify.aggregators.PeerAttention`) and the Mean /
 AccuracyWeighted teachers run on it through :class:`~branchify.OnlineKD` unchanged.
 
-Example:
+Examples:
     >>> import branchify as bf
     >>> cohort = bf.Cohort([resnet20(num_classes=10), mobilenetv2(num_classes=10)])  # doctest: +SKIP
     >>> okd = bf.OnlineKD(cohort, bf.aggregators.Pairwise(), temperature=1.0)        # doctest: +SKIP
@@ -40,7 +40,7 @@ def peer_logits(result: Any) -> torch.Tensor:
     """The logits in what a peer's forward returns: a tensor, an object with ``.logits`` (Hugging
     Face), or a tuple/list whose first item is the logits.
 
-    Example:
+    Examples:
         >>> peer_logits((torch.zeros(2, 3), "aux")).shape
         torch.Size([2, 3])
     """
@@ -55,7 +55,7 @@ def find_head(net: nn.Module, path: str | None = None) -> tuple[str, nn.Linear] 
     """The classifier ``Linear`` of ``net``: the module at ``path``, else the last ``nn.Linear``
     in registration order (``fc`` of a ResNet, ``classifier.6`` of a VGG); ``None`` if it has none.
 
-    Example:
+    Examples:
         >>> find_head(nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))[0]
         '3'
     """
@@ -139,7 +139,7 @@ class Cohort(HasViews, LeafModel):
             features to width ``d``. Needed by PeerAttention when peers' feature widths differ;
             the projections train with the aggregator and are not part of :meth:`export`.
 
-    Example:
+    Examples:
         >>> a = nn.Sequential(nn.Flatten(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
         >>> b = nn.Sequential(nn.Flatten(), nn.Linear(8, 3))
         >>> cohort = Cohort([a, b])
@@ -213,7 +213,7 @@ class Cohort(HasViews, LeafModel):
     def peer_parameters(self, i: int) -> Iterator[nn.Parameter]:
         """Parameters of peer ``i`` alone (for a per-peer optimiser and LR schedule).
 
-        Example:
+        Examples:
             >>> opts = [torch.optim.SGD(cohort.peer_parameters(i), lr=lr)              # doctest: +SKIP
             ...         for i, lr in enumerate([0.1, 0.05])]
         """
@@ -293,7 +293,7 @@ class Cohort(HasViews, LeafModel):
     def export(self, i: int | None = None) -> nn.Module:
         """Peer ``i`` (default: the target) as itself: a deep copy of that network, same class.
 
-        Example:
+        Examples:
             >>> net = cohort.export(0)                              # doctest: +SKIP
             >>> torch.equal(net(x), cohort(x).logits[0])            # doctest: +SKIP
             True
@@ -308,7 +308,7 @@ class Cohort(HasViews, LeafModel):
 
         ``weights`` (one per peer, e.g. MD's accuracy weights) default to equal.
 
-        Example:
+        Examples:
             >>> probs = cohort.ensemble()(x)                         # doctest: +SKIP
         """
         return CohortEnsemble([self.export(i) for i in range(self.num_peers)], weights)
@@ -320,7 +320,7 @@ class Cohort(HasViews, LeafModel):
 class CohortEnsemble(nn.Module):
     """Runs separate networks and returns ``sum_i w_i softmax(z_i)`` (weights sum to 1).
 
-    Example:
+    Examples:
         >>> ens = CohortEnsemble([nn.Linear(4, 3), nn.Linear(4, 3)], weights=[3, 1])
         >>> ens.weights.tolist(), torch.allclose(ens(torch.randn(2, 4)).sum(-1), torch.ones(2))
         ([0.75, 0.25], True)
@@ -350,7 +350,7 @@ def check_aggregator(aggregator: nn.Module, names: Sequence[str], feature_dims: 
     Gate and HierarchicalTA read a shared trunk activation / feature maps that separate networks
     do not have; PeerAttention needs every peer's penultimate features at one common width.
 
-    Example:
+    Examples:
         >>> from branchify.aggregators import Gate
         >>> try:
         ...     check_aggregator(Gate(), ["a", "b"], [8, 8], projected=False)

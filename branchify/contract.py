@@ -19,7 +19,7 @@ targets in ``out.targets``. Consequences a user can rely on:
 Attach before wrapping in DDP/FSDP: a wrapper only synchronises the parameters it saw when it
 was built.
 
-Example:
+Examples:
     >>> import branchify as bf
     >>> bm = bf.branchify(net, bf.Spec(splits=["layer4"], fanout=[3]))       # doctest: +SKIP
     >>> bm.attach(bf.aggregators.Gate())                                      # doctest: +SKIP
@@ -113,7 +113,7 @@ class LeafModel(nn.Module, abc.ABC):
         It is sized from this model, moved to the model's device and dtype, and registered as
         ``self.aggregator``. Nothing is changed if it is rejected.
 
-        Example:
+        Examples:
             >>> gate = bm.attach(bf.aggregators.Gate())     # doctest: +SKIP
         """
         if aggregator is None:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 def loop_only(model: "BranchedModel") -> Iterator[None]:
     """Run ``model`` one call per replica inside the block (per-segment FLOP counting needs it).
 
-    Example:
+    Examples:
         >>> with loop_only(bm):        # doctest: +SKIP
         ...     out = bm(x)
     """
@@ -79,7 +79,7 @@ def describe(model: "BranchedModel", *example_inputs: Any, **kwargs: Any) -> str
     "Training cost" is the whole tree's forward FLOPs over the target leaf's: roughly what a
     training step costs relative to training the original model alone.
 
-    Example:
+    Examples:
         >>> print(bm.describe(torch.randn(2, 3, 32, 32), print_fn=None))   # doctest: +SKIP
     """
     flops = segment_flops(model, *example_inputs, **kwargs)

@@ -95,7 +95,7 @@ class BranchedModel(HasViews, LeafModel):
         per device by ``benchmarks/speed.py``). Parameters, ``state_dict`` and outputs are the same
         either way, so it can be changed at any time.
 
-        Example:
+        Examples:
             >>> bm.batched = True          # doctest: +SKIP
         """
         return self._batched
@@ -214,7 +214,7 @@ class BranchedModel(HasViews, LeafModel):
 
         A deepened leaf comes back as the original class with a longer (or shorter) container.
 
-        Example:
+        Examples:
             >>> student = model.export()               # doctest: +SKIP
             >>> type(student) is torchvision.models.ResNet
             True

@@ -32,7 +32,7 @@ class KDTerm:
             ``teacher`` then holds what the rule reads and the loss computes the teacher logits
             with the batch's labels (:func:`with_labels`), e.g. ``"min_logit"`` (KDCL-MinLogit).
 
-    Example:
+    Examples:
         >>> z = torch.randn(4, 10)
         >>> term = KDTerm("leaf0", teacher=z.mean(0, keepdim=True).expand(4, 10), student=z)
         >>> term.is_mixture
@@ -62,7 +62,7 @@ class Targets:
         ce: name -> extra logits that get a cross-entropy with the labels (for example
             ``{"teacher": z_e}`` for ONE). Logged as ``"ce/<name>"``.
 
-    Example:
+    Examples:
         >>> Targets(kd=[], ce={})
         Targets(kd=[], ce={})
     """
@@ -114,7 +114,7 @@ def classifier_logits(result: Any) -> torch.Tensor | None:
     (Hugging Face outputs), or a tuple/list whose first item is a tensor; ``None`` for anything
     else (callers raise an error that names their context).
 
-    Example:
+    Examples:
         >>> classifier_logits((torch.zeros(2, 3), "aux")).shape
         torch.Size([2, 3])
     """

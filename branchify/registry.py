@@ -7,7 +7,7 @@ calling :func:`register_plugin` or through the ``branchify.plugins`` entry point
 integrations shipped in ``branchify.integrations`` are found). The entry points are read the
 first time a model is looked up; loading one must not import its framework.
 
-Example:
+Examples:
     >>> from branchify.registry import Plugin, register_plugin
     >>> register_plugin(Plugin("mine", matches=lambda m: type(m).__name__ == "MyNet",
     ...                        tracer=lambda m: branchify.Tracer(leaf_modules=[MyAttention])))  # doctest: +SKIP

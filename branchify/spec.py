@@ -6,7 +6,7 @@ round-trips through dicts / JSON / YAML, and exposes the tree it describes as a 
 trunk, ``(0, 1)`` the second child of that node, and so on. Leaves are numbered depth-first,
 child 0 first, so leaf 0 is always the all-child-0 path.
 
-Example:
+Examples:
     >>> spec = Spec(splits=["layer3", "layer4"], fanout=[2, [3, 1]])
     >>> spec.num_leaves, spec.leaf_paths()
     (4, [(0, 0), (0, 1), (0, 2), (1, 0)])
@@ -75,7 +75,7 @@ class Spec:
             rates) or ``"standard"`` (the architecture's own init for every weight, as the AHBF
             authors' code builds them).
 
-    Example:
+    Examples:
         >>> Spec(splits=["layer4"], fanout=[3]).num_leaves          # ONE
         3
         >>> Spec(splits=["<input>"], fanout=[2]).num_leaves         # DML

@@ -1,6 +1,6 @@
 """Aggregators: turn a branched forward into teacher targets (one module per method).
 
-Example:
+Examples:
     >>> from branchify.aggregators import Gate, Mean, Pairwise
     >>> Mean().detach, Gate().detach, Pairwise().detach
     (True, True, True)

@@ -19,7 +19,7 @@ model - and therefore timm - already exists.
 * **Export**: ``BranchedModel.export()`` returns the model's own timm class, whose state_dict
   loads strictly into ``timm.create_model`` with the kwargs the model was built with.
 
-Example:
+Examples:
     >>> import timm, branchify as bf
     >>> net = timm.create_model("resnet18", pretrained=False, num_classes=10)
     >>> bm, okd = bf.method("one", net)             # timm's tracer hints + timm's init, automatically
@@ -45,7 +45,7 @@ def _is_timm_class(cls: type) -> bool:
 def is_timm_model(model: nn.Module) -> bool:
     """Whether ``model``'s class (or a base class, for user subclasses) comes from timm.
 
-    Example:
+    Examples:
         >>> is_timm_model(nn.Linear(2, 2))
         False
     """
@@ -70,7 +70,7 @@ class TimmTracer(Tracer):
     instead (``concrete_args``), so the branched model takes the image alone. Pass
     ``concrete_args`` to :meth:`trace` to choose otherwise.
 
-    Example:
+    Examples:
         >>> gm = torch.fx.GraphModule(model, TimmTracer(leaf_modules=[...]).trace(model))  # doctest: +SKIP
     """
 
@@ -83,7 +83,7 @@ class TimmTracer(Tracer):
 def optional_inputs(model: nn.Module) -> dict[str, Any]:
     """``model.forward``'s arguments after the first whose default is ``None`` or a constant, with it.
 
-    Example:
+    Examples:
         >>> class Net(nn.Module):
         ...     def forward(self, x, mask=None, is_causal=False, scale=torch.ones(1)): return x
         >>> optional_inputs(Net())
@@ -97,7 +97,7 @@ def optional_inputs(model: nn.Module) -> dict[str, Any]:
 def timm_tracer(model: nn.Module) -> TimmTracer:
     """A :class:`TimmTracer` with timm's registered leaf modules and autowrap functions.
 
-    Example:
+    Examples:
         >>> tracer = timm_tracer(timm.create_model("swin_tiny_patch4_window7_224"))  # doctest: +SKIP
         >>> gm = branchify.trace(model, tracer)                                       # doctest: +SKIP
     """
@@ -114,7 +114,7 @@ def timm_tracer(model: nn.Module) -> TimmTracer:
 def architecture_name(model: nn.Module) -> str | None:
     """The timm architecture ``model`` was created as (``pretrained_cfg["architecture"]``), or ``None``.
 
-    Example:
+    Examples:
         >>> architecture_name(timm.create_model("resnet18.a1_in1k"))   # doctest: +SKIP
         'resnet18'
     """
@@ -150,7 +150,7 @@ def _img_size(model: nn.Module) -> Any:
 def creation_kwargs(model: nn.Module) -> list[dict[str, Any]]:
     """Candidate ``timm.create_model`` kwargs read from ``model``, the plainest first.
 
-    Example:
+    Examples:
         >>> creation_kwargs(timm.create_model("resnet18", num_classes=10))   # doctest: +SKIP
         [{'num_classes': 10, 'in_chans': 3}]
     """
@@ -249,7 +249,7 @@ def timm_model_fn(model: nn.Module) -> Callable[[], nn.Module] | None:
     architecture name, or no candidate with ``model``'s class and state_dict shapes (e.g. a changed
     depth or width), a warning says so and ``None`` makes replicas fall back to ``init="shuffle"``.
 
-    Example:
+    Examples:
         >>> make = timm_model_fn(timm.create_model("resnet18", num_classes=10))   # doctest: +SKIP
         >>> make().fc.out_features                                                # doctest: +SKIP
         10
@@ -300,7 +300,7 @@ def timm_pretrained(model: nn.Module) -> str | None:
     whose normalisation layers hold trained, non-constant values (:func:`looks_trained`) was
     loaded or trained; a freshly created one has them at their constant init.
 
-    Example:
+    Examples:
         >>> timm_pretrained(timm.create_model("resnet18"))                                    # doctest: +SKIP
         >>> timm_pretrained(timm.create_model("resnet18", pretrained=True))                   # doctest: +SKIP
         'a timm model whose normalisation layers hold trained values (pretrained weights)'

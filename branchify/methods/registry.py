@@ -53,7 +53,7 @@ def _key(name: str) -> str:
 def nearest(word: str, choices: list[str], n: int = 3) -> str:
     """``"; did you mean 'x'?"`` for the closest choices, or ``""`` when none is close.
 
-    Example:
+    Examples:
         >>> nearest("onee", ["one", "tsa", "dml"])
         "; did you mean 'one'?"
     """
@@ -66,7 +66,7 @@ def nearest(word: str, choices: list[str], n: int = 3) -> str:
 def register_method(preset: Preset, *, overwrite: bool = False) -> Preset:
     """Add a preset to the registry (``method(preset.name, ...)`` then builds it).
 
-    Example:
+    Examples:
         >>> one = get_preset("one")
         >>> five = Preset("one5", "ONE, 5 leaves", {**one.defaults, "branches": 5}, one.build)  # doctest: +SKIP
         >>> register_method(five)                                                            # doctest: +SKIP
@@ -81,7 +81,7 @@ def register_method(preset: Preset, *, overwrite: bool = False) -> Preset:
 def available_methods() -> list[str]:
     """Names of the registered presets.
 
-    Example:
+    Examples:
         >>> available_methods()
         ['ahbf', 'cl_ilr', 'dml', 'kdcl', 'okddip', 'okdph', 'one', 'pcl', 'tsa', 'u_tsa']
     """
@@ -164,7 +164,7 @@ def method(name: str, model: nn.Module, **overrides: Any) -> tuple["BranchedMode
     ``batched`` go to :func:`branchify.branchify`; ``views`` gives every leaf its own view of the batch
     (:mod:`branchify.views`). A wrong name lists every valid option.
 
-    Example:
+    Examples:
         >>> bm, okd = method("okddip", cifar_resnet32(), branches=5, space="prob")   # doctest: +SKIP
         >>> loss = okd(bm(x), y); loss.total.backward()                              # doctest: +SKIP
     """

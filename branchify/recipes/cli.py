@@ -120,7 +120,7 @@ def run_comparison(base: RunConfig, methods: list[str], seeds: list[int], out: s
     after every finished run; ``plots=False`` skips ``accuracy.png``/``trees.png``. Under torchrun
     every rank calls this; rank 0 writes and prints.
 
-    Example:
+    Examples:
         >>> cfg = RunConfig(fake_data=True, epochs=1)                                    # doctest: +SKIP
         >>> run_comparison(cfg, ["baseline", "one"], [0], "runs/smoke")                  # doctest: +SKIP
     """

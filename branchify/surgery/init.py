@@ -32,7 +32,7 @@ def resolve_init(init: str, model: nn.Module, model_fn: Callable[[], nn.Module] 
     is its reason), else ``"donor"`` with a ``model_fn``, else the model's plugin's ``preferred``
     method (``"hf"`` for Hugging Face models), else ``"shuffle"``. An explicit ``init`` always wins.
 
-    Example:
+    Examples:
         >>> resolve_init("auto", nn.Linear(2, 2), None, pretrained="loaded with from_pretrained")
         'pretrained'
         >>> resolve_init("shuffle", nn.Linear(2, 2), None, pretrained="loaded with from_pretrained")

@@ -5,7 +5,7 @@ option checks, defaults and error messages; aggregators are sized from the branc
 gate from the width at the cut, ``BranchedModel.cut_channels``). The one HF-specific default is
 where an encoder-decoder is cut (:func:`default_hf_splits`).
 
-Example:
+Examples:
     >>> model = branchify_hf(BertForSequenceClassification(cfg), "one",
     ...                      split="bert.encoder.layer.2")                  # doctest: +SKIP
 """
@@ -31,7 +31,7 @@ __all__ = ["branchify_hf", "default_hf_splits"]
 def decoder_blocks(model: nn.Module) -> list[str] | None:
     """The layer paths of an encoder-decoder's decoder stack (``None`` for other models).
 
-    Example:
+    Examples:
         >>> decoder_blocks(t5_with_3_decoder_layers)                # doctest: +SKIP
         ['decoder.block.0', 'decoder.block.1', 'decoder.block.2']
     """
@@ -61,7 +61,7 @@ def default_hf_splits(model: nn.Module, levels: int) -> list[str]:
     the stack that produces the logits - gives the intended shape (shared trunk, branched last
     layers + head).
 
-    Example:
+    Examples:
         >>> default_hf_splits(bert_with_3_layers, 2)                 # doctest: +SKIP
         ['bert.encoder.layer.1', 'bert.encoder.layer.2']
         >>> default_hf_splits(marian_with_3_decoder_layers, 1)       # doctest: +SKIP
@@ -99,7 +99,7 @@ def branchify_hf(model: nn.Module, method: str = "one", *, split: str | Sequence
     :func:`.infer_task`. Aggregators are sized from the branched model (ONE's gate: the width at
     the cut).
 
-    Example:
+    Examples:
         >>> model = branchify_hf(BertForSequenceClassification(cfg), "one",
         ...                      split="bert.encoder.layer.1", branches=4)   # doctest: +SKIP
         >>> model(input_ids=ids, attention_mask=mask, labels=y).loss       # doctest: +SKIP

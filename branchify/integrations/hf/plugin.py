@@ -3,7 +3,7 @@
 Importing this module imports nothing from transformers: a model is recognised by the names in
 its class hierarchy, and the coarse tracer is imported only when such a model is traced.
 
-Example:
+Examples:
     >>> from branchify.registry import plugin_for
     >>> plugin_for(bert_classifier).name                           # doctest: +SKIP
     'transformers'
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 def is_hf_model(model: nn.Module) -> bool:
     """Whether ``model`` is a transformers ``PreTrainedModel`` (also custom / remote-code subclasses).
 
-    Example:
+    Examples:
         >>> is_hf_model(nn.Linear(2, 2))
         False
     """
@@ -46,7 +46,7 @@ def hf_pretrained(model: nn.Module) -> str | None:
     5 marks the models its loader filled (``_weight_conversions``), which tells the two apart
     (older versions: the name alone decides).
 
-    Example:
+    Examples:
         >>> hf_pretrained(BertForSequenceClassification(BertConfig()))          # doctest: +SKIP
         >>> hf_pretrained(AutoModel.from_pretrained("bert-base-uncased"))       # doctest: +SKIP
         "loaded with from_pretrained from 'bert-base-uncased' (config.name_or_path)"
@@ -67,7 +67,7 @@ def hf_head(model: nn.Module) -> list[str] | None:
     base model (``classifier``, ``pre_classifier``, ``score``, ``lm_head``, ``cls``...); ``None`` when
     the base model is the model itself (T5, Marian), so the final Linear is used.
 
-    Example:
+    Examples:
         >>> hf_head(BertForSequenceClassification(BertConfig()))      # doctest: +SKIP
         ['classifier']
     """
