@@ -176,6 +176,12 @@ def find_heads(gm: fx.GraphModule, feature_node: str | None):
     """
     out = next(n for n in gm.graph.nodes if n.op == "output")
     logits = out.args[0]
+    if (isinstance(logits, fx.Node) and logits.op == "call_function" and isinstance(logits.target, type)
+            and issubclass(logits.target, tuple) and logits.args and isinstance(logits.args[0], fx.Node)):
+        # A training-mode named tuple whose first field is the logits (torchvision GoogLeNet's
+        # GoogLeNetOutputs(logits, aux2, aux1)): the leaves are that field; the auxiliary heads are
+        # not part of the tree (export keeps their weights, see partition's unexecuted state).
+        logits = logits.args[0]
     if not isinstance(logits, fx.Node):
         raise SpecError(f"the traced model returns {type(logits).__name__} ({logits!r:.80}), not one "
                         f"logits tensor; wrap the model so forward returns the logits tensor")
