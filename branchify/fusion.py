@@ -23,7 +23,7 @@ so the hybrid's loss reaches no student (``grad=False``, the default: its forwar
 autograd); ``grad=True`` builds it with :func:`torch.func.functional_call` from the live weights,
 so its loss trains every leaf with factor ``r_l`` (the paper's reading).
 
-Example:
+Examples:
     >>> import torch, branchify as bf
     >>> from torch import nn
     >>> from branchify.fusion import soup

@@ -20,7 +20,7 @@ weights of the last hybrid and the BatchNorm statistics its own training forward
 code's extra network holds when it is fused back - and is saved in ``state_dict`` under
 ``fusion.model.*`` so a resumed run fuses the same weights.
 
-Example:
+Examples:
     >>> import torch, branchify as bf
     >>> from torch import nn
     >>> from branchify.hybrid import WeightFusion
