@@ -27,6 +27,18 @@ def loss_kwargs(o: dict) -> dict:
     return {k: o[k] for k in LOSS_OPTIONS}
 
 
+def alpha_loss(o: dict) -> dict:
+    """OnlineKD options with ``ce_weight = 1 - alpha`` and ``kd_weight = alpha`` unless the user gave
+    the weights explicitly (TSA's and KDCL's CE / KD balance)."""
+    a = float(o["alpha"])
+    if not 0 <= a <= 1:
+        raise MethodError(f"alpha={a} must be in [0, 1] (CE weight 1 - alpha, KD weight alpha)")
+    kw = loss_kwargs(o)
+    kw["ce_weight"] = 1.0 - a if o["ce_weight"] is None else o["ce_weight"]
+    kw["kd_weight"] = a if o["kd_weight"] is None else o["kd_weight"]
+    return kw
+
+
 def branches(o: dict, minimum: int) -> int:
     """The ``branches`` option, validated."""
     k = o["branches"]

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from ..aggregators import Mean, MinLogit, WeightedMean
 from ..spec import INPUT, Spec
-from .common import COMMON, as_splits, branches, choice, loss_kwargs
+from .common import COMMON, alpha_loss, as_splits, branches, choice
 from .registry import MethodError, Preset, register_method
 
 DEFAULTS = {**COMMON, "branches": 2, "temperature": 4.0, "alpha": 0.5, "ce_weight": None, "kd_weight": None,
@@ -39,17 +39,6 @@ DEFAULTS = {**COMMON, "branches": 2, "temperature": 4.0, "alpha": 0.5, "ce_weigh
 ENSEMBLES = {"mean": "KDCL-Naive: mean of the networks' logits (both re-implementations)",
            "linear": "KDCL-Linear: weighted sum of the logits with weights=[...] (fit_ensemble_weights)",
            "min_logit": "KDCL-MinLogit: per class the minimum of z_k[c] - z_k[y] (the paper; needs the labels)"}
-
-
-def alpha_loss(o: dict) -> dict:
-    """OnlineKD options with ``ce_weight = 1 - alpha`` and ``kd_weight = alpha`` unless given."""
-    a = float(o["alpha"])
-    if not 0 <= a <= 1:
-        raise MethodError(f"alpha={a} must be in [0, 1] (CE weight 1 - alpha, KD weight alpha)")
-    kw = loss_kwargs(o)
-    kw["ce_weight"] = 1.0 - a if o["ce_weight"] is None else o["ce_weight"]
-    kw["kd_weight"] = a if o["kd_weight"] is None else o["kd_weight"]
-    return kw
 
 
 def build(model, o):

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from ..aggregators import Pairwise
 from ..spec import Spec
-from .common import COMMON, as_splits, branches, loss_kwargs
-from .registry import MethodError, Preset, register_method
+from .common import COMMON, alpha_loss, as_splits, branches
+from .registry import Preset, register_method
 
 DEFAULTS = {**COMMON, "branches": 2, "fanout": None, "alpha": 0.5, "ce_weight": None, "kd_weight": None}
 
@@ -25,19 +25,8 @@ def _spec(model, o):
     return Spec(splits=splits, fanout=fanout, target=o["target"], init=o["init"])
 
 
-def _loss(o):
-    a = float(o["alpha"])
-    if not 0 <= a <= 1:
-        raise MethodError(f"alpha={a} must be in [0, 1] (CE weight 1 - alpha, KD weight alpha)")
-    kw = loss_kwargs(o)
-    # alpha sets the CE / KD balance unless the user gave the weights explicitly.
-    kw["ce_weight"] = 1.0 - a if o["ce_weight"] is None else o["ce_weight"]
-    kw["kd_weight"] = a if o["kd_weight"] is None else o["kd_weight"]
-    return kw
-
-
 def build(model, o):
-    return _spec(model, o), Pairwise(), _loss(o)
+    return _spec(model, o), Pairwise(), alpha_loss(o)
 
 
 PRESET = register_method(Preset("tsa", "TSA-2-3: splits at the last two stages, fanout [2, 2], pairwise KL",
