@@ -26,12 +26,22 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 
 
+def tidy(nb: nbformat.NotebookNode) -> None:
+    """Drop what only describes the machine that ran it: execution timestamps, and library warnings
+    printed to stderr (they carry that machine's install paths and say nothing about the results)."""
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.get("outputs", []) if not (
+                o.get("output_type") == "stream" and o.get("name") == "stderr" and "Warning" in o.get("text", ""))]
+
+
 def run(path: Path, timeout: int) -> float:
     """Execute ``path`` at full size and write it back with its outputs; returns the seconds taken."""
     nb = nbformat.read(path, as_version=4)
     env_before = dict(os.environ)
     os.environ.pop("BRANCHIFY_SMOKE", None)
-    os.environ["BRANCHIFY_NB_OUT"] = str(ROOT / "runs" / "notebooks" / path.stem)
+    os.environ["BRANCHIFY_NB_OUT"] = f"runs/notebooks/{path.stem}"  # relative: the kernel runs in ROOT
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env_before.get("PYTHONPATH")]))
     os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     try:
@@ -43,8 +53,7 @@ def run(path: Path, timeout: int) -> float:
     finally:
         os.environ.clear()
         os.environ.update(env_before)
-    for cell in nb.cells:
-        cell.metadata.pop("execution", None)  # timestamps: noise in every diff
+    tidy(nb)
     nb.metadata.pop("widgets", None)
     nbformat.validate(nb)
     nbformat.write(nb, path)

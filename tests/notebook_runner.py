@@ -25,17 +25,24 @@ NOTEBOOKS = ROOT / "notebooks"
 SMOKE_LIMIT_S = 300  # a guard against smoke mode silently growing; expected ~15-40 s for 01/02
 
 
-def assert_committed_clean(path: Path) -> None:
-    """The notebook is valid nbformat 4 for the ``python3`` kernel, has a smoke switch, and carries no outputs."""
+def assert_committed_with_outputs(path: Path, plots: bool = True) -> None:
+    """The notebook is valid nbformat 4 for the ``python3`` kernel, has a smoke switch, and is
+    committed with the outputs of a full run (``scripts/run_notebooks.py``): every code cell ran,
+    in order, without an error, the run was not a smoke run, and (``plots``) a figure is shown."""
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     assert nb.nbformat == 4
     assert nb.metadata["kernelspec"]["name"] == "python3"
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            assert not cell.get("outputs") and cell.get("execution_count") is None, \
-                f"{path.name}: clear the outputs before committing"
-    source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    counts = [c.get("execution_count") for c in code]
+    assert None not in counts, f"{path.name}: cells without outputs; run scripts/run_notebooks.py {path.stem}"
+    assert counts == sorted(counts), f"{path.name}: cells were run out of order; re-run it from the top"
+    errors = [o.get("ename") for c in code for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, f"{path.name}: committed with errors {errors}"
+    assert "smoke=True" not in all_stream(nb), f"{path.name}: committed from a smoke run; run it at full size"
+    if plots:
+        assert rich(nb, "image/png"), f"{path.name}: shows no plot"
+    source = "\n".join(c.source for c in code)
     assert 'os.environ.get("BRANCHIFY_SMOKE") == "1"' in source
 
 

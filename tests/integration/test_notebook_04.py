@@ -1,13 +1,13 @@
 """Executes notebooks/04_cross_architecture.ipynb in smoke mode (BRANCHIFY_SMOKE=1) with nbclient."""
 from __future__ import annotations
 
-from notebook_runner import NOTEBOOKS, all_stream, assert_committed_clean, execute_smoke
+from notebook_runner import NOTEBOOKS, all_stream, assert_committed_with_outputs, execute_smoke
 
 NOTEBOOK = NOTEBOOKS / "04_cross_architecture.ipynb"
 
 
-def test_notebook_04_committed_without_outputs():
-    assert_committed_clean(NOTEBOOK)
+def test_notebook_04_committed_with_the_outputs_of_a_full_run():
+    assert_committed_with_outputs(NOTEBOOK)
 
 
 def test_notebook_04_runs_in_smoke_mode(tmp_path, monkeypatch):

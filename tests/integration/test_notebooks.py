@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("matplotlib")  # nbformat, nbclient and ipykernel: guarded by notebook_runner
 pytest.importorskip("safetensors")
 
-from notebook_runner import (NOTEBOOKS, SMOKE_LIMIT_S, all_stream, assert_committed_clean, execute_smoke,
+from notebook_runner import (NOTEBOOKS, SMOKE_LIMIT_S, all_stream, assert_committed_with_outputs, execute_smoke,
                              needs_data, rich)
 
 QUICKSTART = NOTEBOOKS / "01_quickstart.ipynb"
@@ -23,8 +23,8 @@ METHODS = NOTEBOOKS / "02_methods_and_trees.ipynb"
 
 
 @pytest.mark.parametrize("path", [QUICKSTART, METHODS], ids=lambda p: p.stem)
-def test_notebook_committed_clean(path):
-    assert_committed_clean(path)
+def test_notebook_committed_with_the_outputs_of_a_full_run(path):
+    assert_committed_with_outputs(path)
 
 
 @needs_data

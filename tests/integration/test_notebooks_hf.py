@@ -6,13 +6,13 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from notebook_runner import NOTEBOOKS, all_stream, assert_committed_clean, execute_smoke
+from notebook_runner import NOTEBOOKS, all_stream, assert_committed_with_outputs, execute_smoke
 
 NOTEBOOK = NOTEBOOKS / "03_hf_trainer.ipynb"
 
 
-def test_notebook_03_committed_without_outputs():
-    assert_committed_clean(NOTEBOOK)
+def test_notebook_03_committed_with_the_outputs_of_a_full_run():
+    assert_committed_with_outputs(NOTEBOOK)
 
 
 def test_notebook_03_runs_in_smoke_mode(tmp_path, monkeypatch):
