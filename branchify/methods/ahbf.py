@@ -29,6 +29,9 @@ Defaults chosen by measurement (``lambdas=(1, 1)``, the authors' code's own argp
   epochs, ``aux=1``, 3 seeds, paired gain over the plain model): (1, 1) +0.48 +- 0.16, (2, 4)
   +0.59 +- 0.21, (4, 2) +0.50 +- 0.47; standard-init deepening (1, 1) +0.44 +- 0.21, (4, 2)
   +0.53 +- 0.49 - the same within one standard error, so the stable combination costs nothing.
+
+The formula, defaults, reference code (file and line) and paper-vs-code choices are on ``docs/methods/ahbf.md``
+(the documentation site's method page).
 """
 from __future__ import annotations
 

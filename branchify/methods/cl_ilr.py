@@ -6,6 +6,9 @@ Aggregator: :class:`~branchify.aggregators.PeerMean` - each leaf learns from the
 *other* leaves' logits, not detached, no CE on the teacher (``mean="others"``); ``mean="all"``
 is the other reading of the paper (all K leaves, the student included, detached). Loss: T = 3,
 ONE's ramp (80 of 300 epochs), as ``train_one.py`` runs it.
+
+The formula, defaults, reference code (file and line) and paper-vs-code choices are on ``docs/methods/cl_ilr.md``
+(the documentation site's method page).
 """
 from __future__ import annotations
 

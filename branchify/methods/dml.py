@@ -4,6 +4,9 @@ Tree: ``split="<input>"`` - no shared trunk, ``branches`` = 2 whole networks (an
 shared-trunk variant). Aggregator: :class:`~branchify.aggregators.Pairwise` (every other peer
 teaches, weight 1/(K-1), detached: the DML paper and its code); ``kd="peer_mean"`` is OKDDip's DML
 (the mean of the other peers' logits, not detached). Loss: T = 1 (the DML paper), no ramp.
+
+The formula, defaults, reference code (file and line) and paper-vs-code choices are on ``docs/methods/dml.md``
+(the documentation site's method page).
 """
 from __future__ import annotations
 

@@ -26,6 +26,9 @@ pass ``views=`` (:mod:`branchify.views`, e.g. ``bf.views.crop_flip(4)`` on un-au
 ``bf.views.stacked()`` for a loader yielding ``[B, K, ...]``); without it every network sees the
 same batch. The extra augmentation is part of KDCL's reported gain: compare against a baseline
 trained with the same augmentation (docs/methods/kdcl.md).
+
+The formula, defaults, reference code (file and line) and paper-vs-code choices are on ``docs/methods/kdcl.md``
+(the documentation site's method page).
 """
 from __future__ import annotations
 

@@ -4,6 +4,9 @@ Tree: ``branches`` = 4 leaves after the last stage: 3 peers + the leader, which 
 (target) leaf. Aggregator: :class:`~branchify.aggregators.PeerAttention` on logits, targets not
 detached (the authors' code: the attention learns only through them). ``leader=None`` makes every
 leaf a peer (the authors' ``en`` mode). Loss: T = 3, ramp 80 of 300 epochs (``--length 80``).
+
+The formula, defaults, reference code (file and line) and paper-vs-code choices are on ``docs/methods/okddip.md``
+(the documentation site's method page).
 """
 from __future__ import annotations
 

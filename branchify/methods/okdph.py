@@ -30,6 +30,9 @@ building OKDPH that way warns; ``init="auto"`` starts them independently instead
 
 Deployed: the target student (leaf 0); ``branchify.fusion.soup(model)`` or
 ``model.fusion.model`` give the averaged / hybrid network (the code reports the best of all).
+
+The formula, defaults, reference code (file and line) and paper-vs-code choices are on ``docs/methods/okdph.md``
+(the documentation site's method page).
 """
 from __future__ import annotations
 

@@ -4,6 +4,9 @@ Tree: ``split`` (default: the last stage) with ``branches`` leaves (3). Aggregat
 :class:`~branchify.aggregators.Gate` (teacher detached inside the KL, as the official code).
 Loss: T = 3, the KD terms ramped over 80 of 300 epochs (the official code's ``--consistency_rampup
 80``, always on), scaled to the run length.
+
+The formula, defaults, reference code (file and line) and paper-vs-code choices are on ``docs/methods/one.md``
+(the documentation site's method page).
 """
 from __future__ import annotations
 

@@ -31,6 +31,9 @@ copied into ``tianlizhang/OKDPH@a562089`` ``src/06_PCL.py`` lines 20-103):
 
 ``tianlizhang/OKDPH`` ``src/06_PCL.py`` line 164 calls the EMA with ``global_step=0``, so its
 "mean model" is a plain copy of the weights after every step: ``ema_decay=0.0`` reproduces it.
+
+The formula, defaults, reference code (file and line) and paper-vs-code choices are on ``docs/methods/pcl.md``
+(the documentation site's method page).
 """
 from __future__ import annotations
 

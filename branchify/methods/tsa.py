@@ -5,6 +5,9 @@ Tree: TSA-M-H - splits at the last two stages (default), ``branches`` = M = 2 ch
 no text description; this is its documented reading). Any ``fanout`` can be given. Aggregator:
 :class:`~branchify.aggregators.Pairwise` (peers detached). Loss: ``(1 - alpha) CE + alpha KD``
 with ``alpha = 0.5`` and T = 3 - this toolkit's choice: TSA has no public code.
+
+The formula, defaults, reference code (file and line) and paper-vs-code choices are on
+``docs/methods/tsa.md`` and ``docs/methods/u_tsa.md`` (the documentation site's method pages).
 """
 from __future__ import annotations
 
