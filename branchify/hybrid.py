@@ -40,13 +40,14 @@ from torch import nn
 
 from .contract import LeafModel
 from .fusion import COEFFICIENTS, FusionError, _template, coefficients, fuse_back, hybrid_state, leaf_states, schedule
+from .hidden import HiddenModelHolder
 from .outputs import BranchedOutput, classifier_logits
 from .steps import StepWatch
 
 __all__ = ["WeightFusion"]
 
 
-class WeightFusion(nn.Module):
+class WeightFusion(HiddenModelHolder):
     """OKDPH's hybrid-weight model: built from the leaves every forward, fused back on a schedule.
 
     Args:
@@ -196,42 +197,27 @@ class WeightFusion(nn.Module):
                 self.fuse()
 
     # ------------------------------------------------------------------ nn.Module plumbing
+    def _settle(self) -> None:
+        if self._watch is not None and self._watch.pending():
+            self.pending.fill_(True)  # stepped since the last forward: counted after a resume too
+            self._watch.mark_seen()
+
     def train(self, mode: bool = True) -> "WeightFusion":
-        super().train(mode)
+        nn.Module.train(self, mode)  # no settling: switching mode is not a step
         if self.model is not None:
             self.model.train(mode)
         return self
 
-    def _apply(self, fn, recurse: bool = True):  # .to(), .double(), .cuda() reach the hidden network
-        super()._apply(fn, recurse)
-        if self.model is not None:
-            self.model._apply(fn, recurse)
-            self._watch.forget()
-        return self
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if self._watch is not None and self._watch.pending():
-            self.pending.fill_(True)  # stepped since the last forward: counted after a resume too
-            self._watch.mark_seen()
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.model is not None:
-            for k, v in self.model.state_dict(keep_vars=keep_vars).items():
-                destination[f"{prefix}model.{k}"] = v if keep_vars else v.detach()
+    def _moved(self) -> None:
+        self._watch.forget()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        inner = f"{prefix}model."
-        unexpected_keys[:] = [k for k in unexpected_keys if not k.startswith(inner)]  # ours, loaded below
-        if self.model is None:
-            return
-        result = self.model.load_state_dict({k[len(inner):]: v for k, v in state_dict.items()
-                                             if k.startswith(inner)}, strict=False)
-        missing_keys.extend(inner + k for k in result.missing_keys)
-        unexpected_keys.extend(inner + k for k in result.unexpected_keys)
-        self._watch.forget()
-        self._built = True
+        if self.model is not None:
+            self._watch.forget()
+            self._built = True
 
     def extra_repr(self) -> str:
         return f"coefficients={self.kind!r}, grad={self.grad}, gamma={self.gamma}, fuse_every={self.every}"

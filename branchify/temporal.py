@@ -64,6 +64,7 @@ from torch import nn
 
 from .contract import LeafModel
 from .errors import BranchifyError
+from .hidden import HiddenModelHolder
 from .outputs import BranchedOutput
 from .steps import StepWatch
 
@@ -77,7 +78,7 @@ class TemporalMeanError(BranchifyError, ValueError):
     """A temporal-mean teacher that cannot be built or attached (says what would work)."""
 
 
-class TemporalMean(nn.Module):
+class TemporalMean(HiddenModelHolder):
     """An EMA copy of a leaf model, kept up to date without any call (see the module docstring).
 
     Args:
@@ -255,39 +256,11 @@ class TemporalMean(nn.Module):
         return fresh
 
     # ------------------------------------------------------------------ nn.Module plumbing
-    def train(self, mode: bool = True) -> "TemporalMean":
+    def _settle(self) -> None:  # train() and state_dict() see the EMA of the latest weights
         self.sync()
-        super().train(mode)
-        if self.model is not None:
-            self.model.train(mode)
-        return self
 
-    def _apply(self, fn, recurse: bool = True):  # .to(), .double(), .cuda() reach the hidden copy
-        super()._apply(fn, recurse)
-        if self.model is not None:
-            self.model._apply(fn, recurse)
-            self._watch.forget()
-        return self
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        self.sync()
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.model is not None:
-            for k, v in self.model.state_dict(keep_vars=keep_vars).items():
-                destination[f"{prefix}model.{k}"] = v if keep_vars else v.detach()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        inner = f"{prefix}model."
-        unexpected_keys[:] = [k for k in unexpected_keys if not k.startswith(inner)]  # ours, loaded below
-        if self.model is None:
-            return
-        mine = {k[len(inner):]: v for k, v in state_dict.items() if k.startswith(inner)}
-        result = self.model.load_state_dict(mine, strict=False)
-        missing_keys.extend(inner + k for k in result.missing_keys)
-        unexpected_keys.extend(inner + k for k in result.unexpected_keys)
+    def _moved(self) -> None:
+        self._watch.forget()
 
     def extra_repr(self) -> str:
         return (f"decay={self.decay}, warmup={self.warmup}, teach={self.teach}, deploy={self.deploy}, "
