@@ -43,9 +43,10 @@ from benchmarks.common import machine_info
 from branchify.recipes.regime import CPU_REGIME, BranchifyTrainee, Regime, parse_variant, train_run
 from branchify.recipes.regime import net_fn as regime_net_fn
 
-HAND_METHODS = ["baseline", "one", "tsa", "dml"]
-BRANCHIFY_METHODS = ["dml", "cl_ilr", "one", "okddip", "tsa", "u_tsa", "ahbf"]
-ALL_METHODS = ["baseline", "dml", "cl_ilr", "one", "okddip", "tsa", "u_tsa", "ahbf"]
+HAND_METHODS = ["baseline", "one", "tsa", "dml", "pcl"]
+BRANCHIFY_METHODS = ["dml", "cl_ilr", "one", "okddip", "tsa", "u_tsa", "ahbf", "pcl", "kdcl", "okdph"]
+ALL_METHODS = ["baseline", "dml", "cl_ilr", "one", "okddip", "tsa", "u_tsa", "ahbf", "pcl", "kdcl", "okdph"]
+PILOT_HAND_METHODS = ["baseline", "one", "tsa", "dml"]
 DEFAULT_OUT = "benchmarks/results/accuracy_cpu"
 PILOT_OUT = "benchmarks/results/pilot_cpu"
 
@@ -81,6 +82,11 @@ class HandTrainee:
 
         net_fn = regime_net_fn(regime)
         self.method, self.epochs = method, regime.epochs
+        if method == "pcl":
+            self.pcl = HandPCLTrainee(regime)
+            self.model = self.pcl.model
+            self.target = 0
+            return
         self.model: nn.Module = {
             "baseline": lambda: hw.HandBaseline(net_fn),
             "one": lambda: hw.HandONE(3, net_fn=net_fn),
@@ -92,6 +98,8 @@ class HandTrainee:
     def loss(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor:
         from benchmarks import handwritten as hw
 
+        if self.method == "pcl":
+            return self.pcl.loss(x, y, epoch)
         if self.method == "baseline":
             return F.cross_entropy(self.model(x)[0], y)
         if self.method == "one":  # ONE's ramp: 80 of 300 epochs, scaled to the run (branchify's default)
@@ -102,10 +110,46 @@ class HandTrainee:
         return hw.pairwise_loss(self.model(x), y, T=1.0)  # dml
 
     def leaves(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.method == "pcl":
+            return self.pcl.leaves(x)
         return self.model(x)
 
     def set_epoch(self, epoch: int) -> None:
         pass
+
+
+class HandPCLTrainee:
+    """``benchmarks/handwritten_pcl.py`` trained like the preset: 3 peers on their own crop + flip of
+    the un-augmented batch, the mean model updated after every optimiser step (applied before the
+    next forward, which is when it is first read), the mean model's peer 0 scored."""
+
+    def __init__(self, regime: Regime) -> None:
+        from benchmarks import handwritten_pcl as hp
+        from branchify.recipes.regime import peer_views
+
+        self.hp, self.epochs = hp, regime.epochs
+        net = hp.HandPCL(3, net_fn=regime_net_fn(regime))
+        self.mean = hp.MeanModel(net)
+        self.model = nn.ModuleDict({"net": net, "mean": self.mean.net})  # train()/eval() reach both
+        self.view = peer_views(regime) if regime.augment else (lambda x, k: x)
+        self.stepped = False
+
+    def _catch_up(self) -> None:  # the EMA update that follows each optimiser step
+        if self.stepped:
+            self.mean.update(self.model["net"])
+        self.stepped = False
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor:
+        self._catch_up()
+        views = [self.view(x, k) for k in range(3)]
+        logits, en = self.model["net"](views)
+        loss = self.hp.pcl_loss(logits, en, self.mean(views), y, w=self.hp.ramp(epoch, self.epochs))
+        self.stepped = True
+        return loss
+
+    def leaves(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self._catch_up()
+        return self.mean([x] * 3)
 
 
 def trainee_factory(method: str, implementation: str, regime: Regime):
@@ -295,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "pilot":
         seeds = args.seeds or [0, 1, 2]
         regimes = PILOT_REGIMES if args.regimes is None else [r for r in PILOT_REGIMES if r.name in args.regimes.split(",")]
-        jobs = [(r, m, "handwritten", s) for r in regimes for s in seeds for m in HAND_METHODS]
+        jobs = [(r, m, "handwritten", s) for r in regimes for s in seeds for m in PILOT_HAND_METHODS]
         run_jobs(jobs, out, args.workers, args.data_root)
         title = "CPU pilot: hand-written trees over regimes"
     elif args.command == "run":

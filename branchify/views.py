@@ -226,19 +226,19 @@ def stacked(dim: int = 1) -> ViewFn:
 
 
 class CropFlip:
-    """Per-sample random crop with zero padding and horizontal flip (see :func:`crop_flip`)."""
+    """Per-sample random crop with constant padding and horizontal flip (see :func:`crop_flip`)."""
 
-    def __init__(self, padding: int = 4, flip: bool = True) -> None:
+    def __init__(self, padding: int = 4, flip: bool = True, fill: float = 0.0) -> None:
         if padding < 0:
             raise ViewError(f"crop_flip(padding={padding}) must be >= 0")
-        self.padding, self.flip = int(padding), bool(flip)
+        self.padding, self.flip, self.fill = int(padding), bool(flip), float(fill)
 
     def __call__(self, x: torch.Tensor, k: int) -> torch.Tensor:
         if x.dim() != 4:
             raise ViewError(f"crop_flip expects an image batch [B, C, H, W], got shape {tuple(x.shape)}")
         b, _, h, w = x.shape
         pad = self.padding
-        padded = nn.functional.pad(x, (pad,) * 4)
+        padded = nn.functional.pad(x, (pad,) * 4, value=self.fill)
         dy = torch.randint(0, 2 * pad + 1, (b,), device=x.device)
         dx = torch.randint(0, 2 * pad + 1, (b,), device=x.device)
         rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
@@ -251,17 +251,22 @@ class CropFlip:
         return padded[idx, chans, rows, cols]
 
     def __repr__(self) -> str:
-        return f"crop_flip(padding={self.padding}, flip={self.flip})"
+        fill = f", fill={self.fill:g}" if self.fill else ""
+        return f"crop_flip(padding={self.padding}, flip={self.flip}{fill})"
 
 
-def crop_flip(padding: int = 4, flip: bool = True) -> ViewFn:
-    """Per-sample random crop (zero padding ``padding``) and horizontal flip of ``[B, C, H, W]``.
+def crop_flip(padding: int = 4, flip: bool = True, fill: float = 0.0) -> ViewFn:
+    """Per-sample random crop (padding ``padding`` filled with ``fill``) and horizontal flip of ``[B, C, H, W]``.
 
-    The view of every leaf and sample is drawn independently from torch's global RNG.
+    The view of every leaf and sample is drawn independently from torch's global RNG. On a
+    normalised batch, ``fill=-mean / std`` pads with what a black pixel became: the same views as
+    torchvision's ``RandomCrop(padding=p)`` on the raw images before ``Normalize``.
 
     Examples:
         >>> v = crop_flip(2)(torch.ones(3, 1, 5, 5), 0)
         >>> tuple(v.shape)
         (3, 1, 5, 5)
+        >>> crop_flip(1, fill=-2.0)(torch.zeros(1, 1, 1, 1), 0).item() in (0.0, -2.0)
+        True
     """
-    return CropFlip(padding, flip)
+    return CropFlip(padding, flip, fill)

@@ -42,6 +42,10 @@ class Regime:
     eval_points: int = 4           # test evaluations spread over the run (the last one is reported)
     test_size: int | None = None   # score the first N test images (None: all 10,000)
     method_args: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-method overrides
+    # Methods whose leaves each see their own augmentation (PCL, KDCL, OKDPH): the loader yields
+    # un-augmented batches and ``views=crop_flip`` draws the regime's crop + flip per leaf inside the
+    # model, distributed exactly like the loader's (padding filled with a normalised black pixel).
+    peer_views: tuple[str, ...] = ()
 
     @property
     def crop_padding(self) -> int:
@@ -49,14 +53,18 @@ class Regime:
 
 
 # ---------------------------------------------------------------------- data
-CPU_REGIME = Regime("r14-14px-500-200ep", depth=14, train_size=500, epochs=200, method_args={"ahbf": {"aux": 1}})
+CPU_REGIME = Regime("r14-14px-500-200ep", depth=14, train_size=500, epochs=200, method_args={"ahbf": {"aux": 1}},
+                    peer_views=("pcl", "kdcl", "okdph"))
 """The regime the CPU benchmark measures every method in (chosen by its pilot, see benchmarks/README.md):
 a CIFAR ResNet-14 on 500 Fashion-MNIST images at 14x14 for 200 epochs, where the hand-written trees
 gained most per CPU second (AHBF deepens by one block per leaf, the network having two per stage)."""
 
 
-def load_data(regime: Regime, seed: int, root: str | None = None):
-    """``(train_loader, test_loader)`` for Fashion-MNIST at the regime's size, subset and seed."""
+def load_data(regime: Regime, seed: int, root: str | None = None, *, augment: bool | None = None):
+    """``(train_loader, test_loader)`` for Fashion-MNIST at the regime's size, subset and seed.
+
+    ``augment=False`` leaves the augmentation to the model (per-leaf views, see :func:`peer_views`).
+    """
     from branchify.recipes.data import DATASETS, TensorLoader, load_fashion_mnist
 
     meta = DATASETS["fashion_mnist"]
@@ -67,11 +75,20 @@ def load_data(regime: Regime, seed: int, root: str | None = None):
         k = 28 // regime.image_size
         x, xt = (F.avg_pool2d(t.float(), k).round().to(torch.uint8) for t in (x, xt))
     train = TensorLoader(x, y, regime.batch_size, mean=meta.mean, std=meta.std, shuffle=True, seed=seed,
-                         augment=regime.augment, crop_padding=regime.crop_padding)
+                         augment=regime.augment if augment is None else augment, crop_padding=regime.crop_padding)
     if regime.test_size is not None:
         xt, yt = xt[: regime.test_size], yt[: regime.test_size]
     test = TensorLoader(xt, yt, 1000, mean=meta.mean, std=meta.std)
     return train, test
+
+
+def peer_views(regime: Regime):
+    """The regime's crop + flip as per-leaf views on normalised batches (``bf.views.crop_flip``)."""
+    from branchify.recipes.data import DATASETS
+    from branchify.views import crop_flip
+
+    meta = DATASETS["fashion_mnist"]
+    return crop_flip(regime.crop_padding, fill=-meta.mean[0] / meta.std[0])
 
 
 def net_fn(regime: Regime) -> Callable[[], nn.Module]:
@@ -110,6 +127,8 @@ class BranchifyTrainee:
         make = net_fn(regime)
         name, overrides = parse_variant(method)
         overrides = {**regime.method_args.get(name, {}), **overrides}
+        if name in regime.peer_views and regime.augment:
+            overrides.setdefault("views", peer_views(regime))
         self.model, self.okd = bf.method(name, make(), model_fn=make, **overrides)
         self.epochs = regime.epochs
         self.target = self.model.spec.target
@@ -118,7 +137,11 @@ class BranchifyTrainee:
         return self.okd(self.model(x), y).total
 
     def leaves(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.model(x).logits
+        out = self.model(x)
+        temporal = getattr(self.model, "temporal", None)
+        if temporal is not None and temporal.deploy:  # PCL deploys the temporal mean: score what export() gives
+            return out.temporal.logits
+        return out.logits
 
     def set_epoch(self, epoch: int) -> None:
         self.okd.set_epoch(epoch, self.epochs)
@@ -163,7 +186,8 @@ def train_run(regime: Regime, make_trainee: Callable[[], Any], seed: int, *, met
     ``progress``: ``False``, ``True`` (a tqdm bar with ETA) or an int (that bar on terminal line
     ``progress``, for runs in parallel processes).
     """
-    train_loader, test_loader = load_data(regime, seed, data_root)
+    own_views = method.split(":")[0] in regime.peer_views and regime.augment
+    train_loader, test_loader = load_data(regime, seed, data_root, augment=False if own_views else None)
     torch.manual_seed(seed)
     trainee = make_trainee()
     params = [p for p in trainee.model.parameters() if p.requires_grad]

@@ -176,3 +176,15 @@ def test_crop_flip_is_a_crop_of_the_padded_image_or_its_mirror():
         assert any(torch.equal(v[i], padded[i, :, dy:dy + 6, dx:dx + 6]) for dy in range(5) for dx in range(5))
     with pytest.raises(ViewError, match=r"\[B, C, H, W\]"):
         crop_flip()(torch.randn(3, 4), 0)
+
+
+def test_crop_flip_fill_pads_with_the_given_value_like_a_crop_of_raw_pixels_before_normalising():
+    torch.manual_seed(1)
+    raw = torch.rand(64, 1, 5, 5)
+    mean, std = 0.3, 0.2
+    views = crop_flip(2, flip=False, fill=-mean / std)((raw - mean) / std, 0)
+    padded = nn.functional.pad(raw, (2,) * 4)  # zero (black) pixels, then normalised
+    for i in range(64):
+        assert any(torch.allclose(views[i] * std + mean, padded[i, :, dy:dy + 5, dx:dx + 5], atol=1e-6)
+                   for dy in range(5) for dx in range(5))
+    assert (views * std + mean).abs().min() < 1e-6  # some crop reached into the padding
