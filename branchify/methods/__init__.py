@@ -5,9 +5,12 @@ Examples:
     >>> model, okd = bf.method("one", torchvision.models.resnet18(num_classes=10))   # doctest: +SKIP
     >>> model, okd = bf.method("tsa", net, split=["layer2", "layer3"], alpha=0.3)    # doctest: +SKIP
 
-Every preset is one module here with the same shape - ``DEFAULTS`` (every option it takes),
-``build(model, options) -> (spec, aggregator, loss kwargs)`` and its registration - and its
-docstring says what it computes and where that comes from:
+Every preset is one module here with the same shape - a frozen dataclass of its options (every
+option it takes, its default and what it means, deriving from
+:class:`~branchify.methods.options.CommonOptions`), ``build(model, options, tracer) -> Built``
+(the tree, aggregator and loss options, and the choices it made: :class:`~branchify.methods.options.Built`)
+and its registration - and its docstring says what it computes and where that comes from.
+``method_options(name)`` gives a preset's options object at its defaults:
 
 ======== ==================================== =================== ==========================
 name     tree (default)                       aggregator          loss defaults
@@ -32,7 +35,18 @@ ResNet: ``layer3``, TSA ``["layer2", "layer3"]``; the 9th of 12 transformer laye
 from ..surgery.default_split import default_splits
 from . import ahbf, cl_ilr, dml, kdcl, okddip, okdph, one, pcl, tsa  # noqa: F401  (each registers its preset)
 from .common import COMMON, ONE_RAMP
-from .registry import MethodError, Preset, available_methods, get_preset, method, nearest, register_method, resolve
+from .options import Built, CommonOptions, Renamed
+from .registry import (
+    MethodError,
+    Preset,
+    available_methods,
+    get_preset,
+    method,
+    method_options,
+    nearest,
+    register_method,
+    resolve,
+)
 
-__all__ = ["COMMON", "MethodError", "ONE_RAMP", "Preset", "available_methods", "default_splits", "get_preset",
-           "method", "nearest", "register_method", "resolve"]
+__all__ = ["Built", "COMMON", "CommonOptions", "MethodError", "ONE_RAMP", "Preset", "Renamed", "available_methods",
+           "default_splits", "get_preset", "method", "method_options", "nearest", "register_method", "resolve"]

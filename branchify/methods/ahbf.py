@@ -35,61 +35,87 @@ The formula, defaults, reference code (file and line) and paper-vs-code choices 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from torch import nn
 
 from ..aggregators import HierarchicalTA
+from ..schedules import Schedule
 from ..spec import Spec, SpecError
 from ..surgery.deepen_pick import pick_block
-from ..surgery.default_split import default_splits
-from .common import COMMON, as_splits, branches, loss_kwargs
+from ..surgery.default_split import DefaultSplits, default_splits
+from .common import as_splits, branches, loss_kwargs
+from .options import Built, CommonOptions
 from .registry import MethodError, Preset, register_method
 
-DEFAULTS = {**COMMON, "branches": 4, "ramp": 1.0, "aux": "auto", "deepen": None, "deepen_container": None,
-            "lambdas": (1.0, 1.0), "own_ta": True, "deepen_init": "identity"}
+
+@dataclass(frozen=True, kw_only=True)
+class AHBFOptions(CommonOptions):
+    """AHBF's options: the common ones (ramp over the whole run), the leaves, the deepening and the TAs."""
+
+    ramp: Schedule | int | float | None = 1.0
+    """Over the whole run (the code's ``--rampup`` = the epoch count)."""
+    branches: int = 4
+    """Leaves after the split; leaf m is deepened by ``aux * m`` blocks."""
+    aux: int | str = "auto"
+    """Extra blocks per leaf step, or ``"auto"``: 2 for a body of four or more stages, 4 otherwise
+    (the paper's two settings); ``0`` deepens nothing."""
+    deepen: dict[str, list[int]] | None = None
+    """The whole deepening mapping (:class:`~branchify.Spec`'s ``deepen``) instead of ``aux``'s rule."""
+    deepen_container: str | None = None
+    """The container (or block inside one) to deepen; ``None``: found from a forward of the model."""
+    lambdas: tuple[float, float] = (1.0, 1.0)
+    """(lambda1, lambda2) of the TA terms: the authors' argparse defaults (see the module docstring)."""
+    own_ta: bool = True
+    """Each branch also learns from its own TA (``lambda1 * KL(TA_m || branch m)``, the authors' code)."""
+    deepen_init: str = "identity"
+    """How the added blocks start: ``"identity"`` (stable, see above) or ``"standard"`` (the authors' code)."""
 
 
-def _body_blocks(model: nn.Module, o: dict) -> list[str]:
-    chosen = o.get("_default_splits")
-    if chosen is None:
-        try:
-            chosen = default_splits(model, 1, o.get("tracer"))
-        except ValueError:  # no body: the stage count is then 0 (aux 4)
-            return []
-        o["_default_splits"] = chosen  # its traced copy is what branchify() then cuts
-    return chosen.blocks
+def _body(model: nn.Module, chosen: DefaultSplits | None, tracer: Any) -> DefaultSplits | None:
+    """The default split rule's reading of the model: ``chosen`` if it was made already, else made here
+    (``None``: no body; the stage count is then 0, aux 4)."""
+    if chosen is not None:
+        return chosen
+    try:
+        return default_splits(model, 1, tracer)
+    except ValueError:
+        return None
 
 
-def _deepen(model: nn.Module, splits: list[str], k: int, o: dict) -> dict[str, list[int]]:
-    """``{deepen key: [0, a, 2a, ...]}`` by the rule in the module docstring."""
-    a = o["aux"]
+def _deepen(model: nn.Module, splits: list[str], k: int, o: AHBFOptions, tracer: Any,
+            chosen: DefaultSplits | None) -> tuple[dict[str, list[int]], DefaultSplits | None]:
+    """``{deepen key: [0, a, 2a, ...]}`` by the rule in the module docstring, and the default split
+    rule's reading of the model when it was needed (its traced copy is what branchify() then cuts)."""
+    a = o.aux
     if a != "auto" and (isinstance(a, bool) or not isinstance(a, int)):
         raise MethodError(f"aux={a!r} must be an int (extra blocks per leaf step) or 'auto'")
     if a == 0:
-        return {}
-    key = o["deepen_container"]
+        return {}, chosen
+    key = o.deepen_container
     if key is None or a == "auto":
+        body = _body(model, chosen, tracer)
         try:
-            pick = pick_block(model, splits[-1], _body_blocks(model, o), o.get("tracer"), o["deepen_init"], key)
+            pick = pick_block(model, splits[-1], body.blocks if body else [], tracer, o.deepen_init, key)
         except SpecError as exc:
             raise MethodError(str(exc)) from None
         except ValueError as exc:
             raise MethodError(f"AHBF could not find the block to deepen: {exc}. Name it with deepen_container="
                               f"<a container of blocks, or a block inside one> and aux=<int>") from None
-        key = pick.key
         a = (2 if pick.stages >= 4 else 4) if a == "auto" else a
-    return {key: [a * m for m in range(k)]}
+        return {pick.key: [a * m for m in range(k)]}, body
+    return {key: [a * m for m in range(k)]}, chosen
 
 
-def build(model, o):
+def build(model: Any, o: AHBFOptions, tracer: Any = None) -> Built:
     k = branches(o, 2)
-    splits = as_splits(o, 1, model)
-    deepen = o["deepen"]
-    if deepen is None:
-        deepen = _deepen(model, splits, k, o)
-    spec = Spec(splits=splits, fanout=[k], target=o["target"], init=o["init"], deepen=deepen,
-                deepen_init=o["deepen_init"])
-    return spec, HierarchicalTA(lambdas=tuple(o["lambdas"]), own_ta=o["own_ta"]), loss_kwargs(o)
+    splits, chosen = as_splits(o, 1, model, tracer)
+    deepen, read = (o.deepen, chosen) if o.deepen is not None else _deepen(model, splits, k, o, tracer, chosen)
+    spec = Spec(splits=splits, fanout=[k], target=o.target, init=o.init, deepen=deepen, deepen_init=o.deepen_init)
+    aggregator = HierarchicalTA(lambdas=tuple(o.lambdas), own_ta=o.own_ta)
+    return Built(spec, aggregator, loss_kwargs(o), chosen, traced=read.traced if read is not None else None)
 
 
 PRESET = register_method(Preset("ahbf", "AHBF-OKD: 4 leaves deepened by 0, a, 2a, 3a blocks, hierarchical TAs",
-                                DEFAULTS, build))
+                                AHBFOptions, build))

@@ -5,70 +5,69 @@ from typing import Any
 
 from torch import nn
 
-from ..surgery.default_split import default_splits
+from ..surgery.default_split import DefaultSplits, default_splits
+from .options import CommonOptions, option_defaults
 from .registry import MethodError
 
 ONE_RAMP = 80 / 300
 """ONE's and OKDDip's ramp: 80 of 300 epochs, kept as a fraction so it scales with the run."""
 
-COMMON: dict[str, Any] = {
-    "split": None, "target": 0, "init": "auto", "temperature": 3.0, "ramp": None, "ce_weight": 1.0,
-    "kd_weight": 1.0, "detach": None, "teacher": None, "teacher_weight": 1.0, "teacher_temperature": None,
-}
-"""Options every preset accepts (with their generic defaults; presets change some). ``model_fn``,
-``tracer``, ``feature_node`` and ``batched`` are accepted too and go to ``branchify()``."""
+COMMON: dict[str, Any] = option_defaults(CommonOptions)
+"""Options every preset accepts (with their generic defaults; presets change some), as a dict: the
+fields of :class:`~branchify.methods.options.CommonOptions`. ``model_fn``, ``tracer``,
+``feature_node``, ``batched`` and ``init_noise`` are accepted too and go to ``branchify()``."""
 
 LOSS_OPTIONS = ("temperature", "ramp", "ce_weight", "kd_weight", "detach", "teacher", "teacher_weight",
                 "teacher_temperature")
 
 
-def loss_kwargs(o: dict) -> dict:
+def loss_kwargs(o: CommonOptions) -> dict:
     """The options that configure :class:`~branchify.OnlineKD`."""
-    return {k: o[k] for k in LOSS_OPTIONS}
+    return {k: getattr(o, k) for k in LOSS_OPTIONS}
 
 
-def alpha_loss(o: dict) -> dict:
+def alpha_loss(o: Any) -> dict:
     """OnlineKD options with ``ce_weight = 1 - alpha`` and ``kd_weight = alpha`` unless the user gave
     the weights explicitly (TSA's and KDCL's CE / KD balance)."""
-    a = float(o["alpha"])
+    a = float(o.alpha)
     if not 0 <= a <= 1:
         raise MethodError(f"alpha={a} must be in [0, 1] (CE weight 1 - alpha, KD weight alpha)")
     kw = loss_kwargs(o)
-    kw["ce_weight"] = 1.0 - a if o["ce_weight"] is None else o["ce_weight"]
-    kw["kd_weight"] = a if o["kd_weight"] is None else o["kd_weight"]
+    kw["ce_weight"] = 1.0 - a if o.ce_weight is None else o.ce_weight
+    kw["kd_weight"] = a if o.kd_weight is None else o.kd_weight
     return kw
 
 
-def branches(o: dict, minimum: int) -> int:
+def branches(o: Any, minimum: int) -> int:
     """The ``branches`` option, validated."""
-    k = o["branches"]
+    k = o.branches
     if isinstance(k, bool) or not isinstance(k, int) or k < minimum:
         raise MethodError(f"branches={k!r} must be an int >= {minimum}")
     return k
 
 
-def as_splits(o: dict, levels: int | None, model: nn.Module) -> list[str]:
-    """The ``split`` option as a list of paths; ``None`` -> the default split rule
-    (:mod:`branchify.surgery.default_split`) for ``levels`` levels, noted in ``o["_split_reason"]``."""
-    split = o["split"]
+def as_splits(o: CommonOptions, levels: int | None, model: nn.Module,
+              tracer: Any = None) -> tuple[list[str], DefaultSplits | None]:
+    """The ``split`` option as a list of paths, and the default split rule's choice when it was
+    ``None`` (:mod:`branchify.surgery.default_split` for ``levels`` levels, tracing with ``tracer``;
+    ``None`` when the split was given)."""
+    split = o.split
     if split is None:
         try:
-            chosen = default_splits(model, levels or 1, o.get("tracer"))
+            chosen = default_splits(model, levels or 1, tracer)
         except ValueError as exc:
             raise MethodError(f"{exc}; pass split=<module path> (a list of {levels or 1} for this method); "
                               f"branchify.split_points(model) lists the candidates") from None
-        o["_split_reason"] = chosen.reason
-        o["_default_splits"] = chosen
-        return chosen.splits
+        return chosen.splits, chosen
     splits = [split] if isinstance(split, str) else list(split)
     if levels is not None and len(splits) != levels:
         raise MethodError(f"split={split!r} gives {len(splits)} split point(s) but this method needs {levels}")
-    return splits
+    return splits, None
 
 
-def choice(o: dict, key: str, choices: dict[str, str]) -> str:
-    """``o[key]`` if it is one of ``choices`` (value -> what it means), else an error listing them."""
-    value = o[key]
+def choice(o: Any, key: str, choices: dict[str, str]) -> str:
+    """Option ``key`` if it is one of ``choices`` (value -> what it means), else an error listing them."""
+    value = getattr(o, key)
     if value not in choices:
         listing = "; ".join(f"{c!r} ({what})" for c, what in choices.items())
         raise MethodError(f"{key}={value!r} is unknown; choose {listing}")

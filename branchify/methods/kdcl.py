@@ -32,34 +32,57 @@ The formula, defaults, reference code (file and line) and paper-vs-code choices 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from ..aggregators import Mean, MinLogit, WeightedMean
 from ..spec import INPUT, Spec
-from .common import COMMON, alpha_loss, as_splits, branches, choice
+from .common import alpha_loss, as_splits, branches, choice
+from .options import Built, CommonOptions
 from .registry import MethodError, Preset, register_method
 
-DEFAULTS = {**COMMON, "branches": 2, "temperature": 4.0, "alpha": 0.5, "ce_weight": None, "kd_weight": None,
-            "ensemble": "mean", "weights": None}
 ENSEMBLES = {"mean": "KDCL-Naive: mean of the networks' logits (both re-implementations)",
-           "linear": "KDCL-Linear: weighted sum of the logits with weights=[...] (fit_ensemble_weights)",
-           "min_logit": "KDCL-MinLogit: per class the minimum of z_k[c] - z_k[y] (the paper; needs the labels)"}
+             "linear": "KDCL-Linear: weighted sum of the logits with weights=[...] (fit_ensemble_weights)",
+             "min_logit": "KDCL-MinLogit: per class the minimum of z_k[c] - z_k[y] (the paper; needs the labels)"}
 
 
-def build(model, o):
-    splits = [INPUT] if o["split"] is None else as_splits(o, 1, model)
+@dataclass(frozen=True, kw_only=True)
+class KDCLOptions(CommonOptions):
+    """KDCL's options: the common ones (T = 4, the CE / KD weights from ``alpha``), the networks and the ensemble."""
+
+    temperature: float = 4.0
+    """T = 4: both re-implementations' ``--T 4.0``."""
+    ce_weight: float | None = None
+    """``None``: ``1 - alpha``."""
+    kd_weight: float | None = None
+    """``None``: ``alpha``."""
+    branches: int = 2
+    """Whole networks: the re-implementations' 2."""
+    alpha: float = 0.5
+    """The CE / KD balance ``(1 - alpha) CE + alpha KD`` (``--alpha 0.5``)."""
+    ensemble: str = "mean"
+    """The soft target: ``"mean"`` (KDCL-Naive, both codes), ``"linear"`` (KDCL-Linear, with
+    ``weights``) or ``"min_logit"`` (KDCL-MinLogit, the paper's form)."""
+    weights: list[float] | None = None
+    """One weight per network for ``ensemble="linear"`` (:func:`~branchify.aggregators.fit_ensemble_weights`)."""
+
+
+def build(model: Any, o: KDCLOptions, tracer: Any = None) -> Built:
+    splits, chosen = ([INPUT], None) if o.split is None else as_splits(o, 1, model, tracer)
     k = branches(o, 2)
-    spec = Spec(splits=splits, fanout=[k], target=o["target"], init=o["init"])
+    spec = Spec(splits=splits, fanout=[k], target=o.target, init=o.init)
     kind = choice(o, "ensemble", ENSEMBLES)
     if kind != "linear":
-        if o["weights"] is not None:
+        if o.weights is not None:
             raise MethodError(f"weights= is for ensemble='linear'; ensemble={kind!r} takes none")
         teacher = Mean() if kind == "mean" else MinLogit()
     else:
-        if o["weights"] is None or len(o["weights"]) != k:
+        if o.weights is None or len(o.weights) != k:
             raise MethodError(f"ensemble='linear' needs weights=[...] with one weight per network ({k}); fit them "
                               f"with branchify.aggregators.fit_ensemble_weights(held_out_logits, labels)")
-        teacher = WeightedMean(o["weights"])
-    return spec, teacher, alpha_loss(o)
+        teacher = WeightedMean(o.weights)
+    return Built(spec, teacher, alpha_loss(o), chosen)
 
 
 PRESET = register_method(Preset("kdcl", "KDCL: 2 whole networks (split '<input>'), each on its own view, "
-                                        "mean-logit soft target, (1-a) CE + a KD, a = 0.5, T = 4", DEFAULTS, build))
+                                        "mean-logit soft target, (1-a) CE + a KD, a = 0.5, T = 4", KDCLOptions, build))

@@ -10,21 +10,43 @@ The formula, defaults, reference code (file and line) and paper-vs-code choices 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from ..aggregators import PeerAttention
+from ..schedules import Schedule
 from ..spec import Spec
-from .common import COMMON, ONE_RAMP, as_splits, branches, loss_kwargs
+from .common import ONE_RAMP, as_splits, branches, loss_kwargs
+from .options import Built, CommonOptions
 from .registry import MethodError, Preset, register_method
 
-DEFAULTS = {**COMMON, "branches": 4, "ramp": ONE_RAMP, "space": "logits", "proj_dim": None, "leader": "target"}
+
+@dataclass(frozen=True, kw_only=True)
+class OKDDipOptions(CommonOptions):
+    """OKDDip's options: the common ones (ramp 80 of 300 epochs), the leaves and the peer attention's."""
+
+    ramp: Schedule | int | float | None = ONE_RAMP
+    """80 of 300 epochs (the authors' ``--length 80``), as a fraction of the run."""
+    branches: int = 4
+    """Leaves after the split: 3 peers + the leader."""
+    space: str = "logits"
+    """What the attention mixes (:class:`~branchify.aggregators.PeerAttention`'s ``space``):
+    ``"logits"`` (the authors' code) or ``"prob"`` (softened probabilities, the paper's Eq. 5)."""
+    proj_dim: int | None = None
+    """Width of the attention's projections (``None``: ``channels // 8``, at least 1)."""
+    leader: str | None = "target"
+    """``"target"``: the deployed leaf is the group leader (the paper); ``None``: every leaf is a
+    peer (the authors' ``en`` mode)."""
 
 
-def build(model, o):
-    spec = Spec(splits=as_splits(o, 1, model), fanout=[branches(o, 2)], target=o["target"], init=o["init"])
-    if o["leader"] not in ("target", None):
-        raise MethodError(f"leader={o['leader']!r}: pass 'target' (the deployed leaf leads, the paper's default) "
+def build(model: Any, o: OKDDipOptions, tracer: Any = None) -> Built:
+    splits, chosen = as_splits(o, 1, model, tracer)
+    spec = Spec(splits=splits, fanout=[branches(o, 2)], target=o.target, init=o.init)
+    if o.leader not in ("target", None):
+        raise MethodError(f"leader={o.leader!r}: pass 'target' (the deployed leaf leads, the paper's default) "
                           f"or None (no leader, every leaf is a peer: the authors' `en` mode)")
-    return spec, PeerAttention(leader=o["leader"], proj_dim=o["proj_dim"], space=o["space"]), loss_kwargs(o)
+    return Built(spec, PeerAttention(leader=o.leader, proj_dim=o.proj_dim, space=o.space), loss_kwargs(o), chosen)
 
 
 PRESET = register_method(Preset("okddip", "OKDDip: 3 peers + leader (target leaf), peer attention, not detached",
-                                DEFAULTS, build))
+                                OKDDipOptions, build))

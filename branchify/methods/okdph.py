@@ -37,38 +37,67 @@ The formula, defaults, reference code (file and line) and paper-vs-code choices 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
+from typing import Any
 
 from ..aggregators import HybridTeacher
 from ..hybrid import WeightFusion
 from ..spec import INPUT, Spec
-from .common import COMMON, as_splits, branches, loss_kwargs
+from .common import as_splits, branches, loss_kwargs
+from .options import Built, CommonOptions
 from .registry import MethodError, Preset, register_method
 
-DEFAULTS = {**COMMON, "branches": 2, "init": "copy", "temperature": 4.0, "omega": 0.8, "beta": 0.8, "gamma": 0.5,
-            "coefficients": "mean", "fuse_every": "1_epoch", "hybrid_grad": False, "ce_weight": None,
-            "kd_weight": None}
+
+@dataclass(frozen=True, kw_only=True)
+class OKDPHOptions(CommonOptions):
+    """OKDPH's options: the common ones (same-init students, T = 4, CE / KD weights from ``omega`` and
+    ``beta``), the students and the hybrid-weight model's."""
+
+    init: str = "copy"
+    """The students start identical (the code's ``--diff_init`` off); ``"auto"``: independently."""
+    temperature: float = 4.0
+    """T = 4 (``--T 4.0``)."""
+    ce_weight: float | None = None
+    """``None``: ``omega``."""
+    kd_weight: float | None = None
+    """``None``: ``beta``."""
+    branches: int = 2
+    """Students (whole networks): the code's 2."""
+    omega: float = 0.8
+    """Students' CE x omega, the hybrid's x ``N (1 - omega)`` (``--omega 0.8``)."""
+    beta: float = 0.8
+    """Weight of the KD terms (``--beta 0.8``)."""
+    gamma: float = 0.5
+    """Fusion: each student becomes ``gamma * hybrid + (1 - gamma) * student`` (``--gamma 0.5``)."""
+    coefficients: str = "mean"
+    """How the hybrid mixes the students' weights: ``"mean"`` (``--hwm mean``) or ``"dirichlet"``."""
+    fuse_every: str | None = "1_epoch"
+    """How often the hybrid is fused back (``--interval 1_epoch``): ``"<k>_batch"``, ``"<k>_epoch"``
+    or ``None`` (never)."""
+    hybrid_grad: bool = False
+    """``False``: the hybrid is a copy (the code); ``True``: the paper's differentiable mixture."""
 
 
-def okdph_loss(o: dict, n: int) -> dict:
+def okdph_loss(o: OKDPHOptions, n: int) -> dict:
     """OnlineKD options: students' CE x ``omega``, hybrid's CE x ``N (1 - omega)``, KD x ``beta``."""
-    omega, beta = float(o["omega"]), float(o["beta"])
+    omega, beta = float(o.omega), float(o.beta)
     if not 0.0 <= omega <= 1.0:
         raise MethodError(f"omega={omega} must be in [0, 1] (students' CE x omega, the hybrid's x (1 - omega))")
     if beta < 0:
         raise MethodError(f"beta={beta} must be >= 0 (the weight of the KD terms)")
     kw = loss_kwargs(o)
-    kw["ce_weight"] = omega if o["ce_weight"] is None else o["ce_weight"]
-    kw["kd_weight"] = beta if o["kd_weight"] is None else o["kd_weight"]
+    kw["ce_weight"] = omega if o.ce_weight is None else o.ce_weight
+    kw["kd_weight"] = beta if o.kd_weight is None else o.kd_weight
     kw["ce_weights"] = {"hybrid": n * (1.0 - omega)}
     return kw
 
 
-def build(model, o):
-    splits = [INPUT] if o["split"] is None else as_splits(o, 1, model)
+def build(model: Any, o: OKDPHOptions, tracer: Any = None) -> Built:
+    splits, chosen = ([INPUT], None) if o.split is None else as_splits(o, 1, model, tracer)
     n = branches(o, 2)
-    spec = Spec(splits=splits, fanout=[n], target=o["target"], init=o["init"])
-    fusion = WeightFusion(o["coefficients"], grad=bool(o["hybrid_grad"]), gamma=o["gamma"],
-                          fuse_every=o["fuse_every"])  # validated before anything is built
+    spec = Spec(splits=splits, fanout=[n], target=o.target, init=o.init)
+    fusion = WeightFusion(o.coefficients, grad=bool(o.hybrid_grad), gamma=o.gamma,
+                          fuse_every=o.fuse_every)  # validated before anything is built
 
     def attach(branched) -> None:
         fusion.attach(branched)
@@ -77,10 +106,9 @@ def build(model, o):
                           "their inputs; without views= they stay identical. Pass views= (e.g. "
                           "branchify.views.crop_flip()) or init='auto'", UserWarning, stacklevel=4)
 
-    o["_setup"] = [attach]
-    return spec, HybridTeacher(), okdph_loss(o, n)
+    return Built(spec, HybridTeacher(), okdph_loss(o, n), chosen, setup=(attach,))
 
 
 PRESET = register_method(Preset("okdph", "OKDPH: 2 whole networks + their hybrid-weight model (mean of the "
                                          "weights) as a teacher, fused back every epoch, T = 4",
-                                DEFAULTS, build))
+                                OKDPHOptions, build))

@@ -10,18 +10,32 @@ The formula, defaults, reference code (file and line) and paper-vs-code choices 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from ..aggregators import Gate
+from ..schedules import Schedule
 from ..spec import Spec
-from .common import COMMON, ONE_RAMP, as_splits, branches, loss_kwargs
+from .common import ONE_RAMP, as_splits, branches, loss_kwargs
+from .options import Built, CommonOptions
 from .registry import Preset, register_method
 
-DEFAULTS = {**COMMON, "branches": 3, "ramp": ONE_RAMP}
+
+@dataclass(frozen=True, kw_only=True)
+class ONEOptions(CommonOptions):
+    """ONE's options: the common ones (ramp at 80 of 300 epochs) and ``branches``."""
+
+    ramp: Schedule | int | float | None = ONE_RAMP
+    """80 of 300 epochs (the official code's ``--consistency_rampup 80``), as a fraction of the run."""
+    branches: int = 3
+    """Leaves after the split (the paper's 3)."""
 
 
-def build(model, o):
-    spec = Spec(splits=as_splits(o, 1, model), fanout=[branches(o, 1)], target=o["target"], init=o["init"])
-    return spec, Gate(), loss_kwargs(o)
+def build(model: Any, o: ONEOptions, tracer: Any = None) -> Built:
+    splits, chosen = as_splits(o, 1, model, tracer)
+    spec = Spec(splits=splits, fanout=[branches(o, 1)], target=o.target, init=o.init)
+    return Built(spec, Gate(), loss_kwargs(o), chosen)
 
 
 PRESET = register_method(Preset("one", "ONE: shared trunk, 3 leaves, gated teacher (detached), ramp 80/300",
-                                DEFAULTS, build))
+                                ONEOptions, build))

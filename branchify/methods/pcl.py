@@ -38,12 +38,15 @@ The formula, defaults, reference code (file and line) and paper-vs-code choices 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 from ..aggregators import Compose, FeatureFusion, PeerTemporalMean
 from ..schedules import Schedule, ScheduleError
 from ..spec import Spec
 from ..temporal import TemporalMean
-from .common import COMMON, as_splits, branches, loss_kwargs
+from .common import as_splits, branches, loss_kwargs
+from .options import Built, CommonOptions
 from .registry import MethodError, Preset, register_method
 
 REFERENCE_EPOCHS = 300
@@ -78,24 +81,44 @@ class PCLRamp(Schedule):
         return f"PCLRamp(length={self.length:.4g}, unit={self.unit:.4g})"
 
 
-DEFAULTS = {**COMMON, "branches": 3, "ramp": PCLRamp(), "ema_decay": 0.999, "ema_warmup": True,
-            "peer_mean": "others", "deploy": "temporal"}
+@dataclass(frozen=True, kw_only=True)
+class PCLOptions(CommonOptions):
+    """PCL's options: the common ones (the reproduction's ramp), the peers, the temporal mean and what is deployed."""
+
+    ramp: Schedule | int | float | None = PCLRamp()
+    """The reproduction's ramp (:class:`PCLRamp`), scaled to the run."""
+    branches: int = 3
+    """Peers after the split."""
+    ema_decay: float = 0.999
+    """Decay of the temporal mean (``0.0``: a plain copy after every step, as ``06_PCL.py`` runs it)."""
+    ema_warmup: bool = True
+    """The decay's warm-up ``min(1 - 1/(n + 1), decay)``."""
+    peer_mean: str = "others"
+    """Whose temporal means teach peer k (PCL's "peer mean teacher", part ``pm``;
+    :class:`~branchify.aggregators.PeerTemporalMean`'s ``whose``): ``"others"``, ``"own"`` or ``"all"``."""
+    deploy: str = "temporal"
+    """What ``export()`` gives: ``"temporal"`` (the temporal mean of the target, PCL) or ``"live"``
+    (the trained weights)."""
+
+
 DEPLOY = ("temporal", "live")
 
 
-def build(model, o):
-    spec = Spec(splits=as_splits(o, 1, model), fanout=[branches(o, 2)], target=o["target"], init=o["init"])
-    if o["deploy"] not in DEPLOY:
-        raise MethodError(f"deploy={o['deploy']!r} is unknown; choose 'temporal' (export the EMA of the target, "
+def build(model: Any, o: PCLOptions, tracer: Any = None) -> Built:
+    splits, chosen = as_splits(o, 1, model, tracer)
+    spec = Spec(splits=splits, fanout=[branches(o, 2)], target=o.target, init=o.init)
+    if o.deploy not in DEPLOY:
+        raise MethodError(f"deploy={o.deploy!r} is unknown; choose 'temporal' (export the EMA of the target, "
                           f"PCL) or 'live' (export the trained weights)")
     try:
-        ema = TemporalMean(o["ema_decay"], warmup=bool(o["ema_warmup"]), deploy=o["deploy"] == "temporal")
-        teacher = Compose(pe=FeatureFusion(), pm=PeerTemporalMean(o["peer_mean"]))
+        ema = TemporalMean(o.ema_decay, warmup=bool(o.ema_warmup), deploy=o.deploy == "temporal")
+        teacher = Compose(pe=FeatureFusion(), pm=PeerTemporalMean(o.peer_mean))
     except ValueError as exc:
         raise MethodError(str(exc)) from None
-    o["_setup"] = [ema.attach]  # after branchify (and views): the EMA copies the built tree
-    return spec, teacher, loss_kwargs(o)
+    # ema.attach runs after branchify (and views): the EMA copies the built tree
+    return Built(spec, teacher, loss_kwargs(o), chosen, setup=(ema.attach,))
 
 
 PRESET = register_method(Preset("pcl", "PCL: shared trunk, 3 peers on their own views, peer-ensemble teacher on "
-                                       "concatenated features, EMA peers teaching, the EMA deployed", DEFAULTS, build))
+                                       "concatenated features, EMA peers teaching, the EMA deployed",
+                                PCLOptions, build))

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+import sys
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from torch import nn
@@ -13,11 +17,15 @@ from ..errors import BranchifyError
 from ..online_kd import OnlineKD
 from ..spec import Spec
 from ..views import check_views
+from .options import Built, Renamed, option_defaults, options_class
 
 if TYPE_CHECKING:
     from ..model import BranchedModel
 
-Builder = Callable[[nn.Module, dict], tuple[Spec, Aggregator, dict]]
+Builder = Callable[[nn.Module, Any, Any], Built]
+"""``build(model, options, tracer) -> Built``: the preset's tree, aggregator and loss options around
+``model``, read from its options object (never written to); ``tracer`` is the one ``branchify()``
+gets, for a builder that traces the model to choose a split."""
 
 BRANCHIFY_OPTIONS = ("model_fn", "tracer", "feature_node", "batched", "init_noise")
 """Options every preset passes to :func:`branchify.branchify` instead of its builder."""
@@ -32,15 +40,31 @@ class MethodError(BranchifyError, ValueError):
 
 @dataclass(frozen=True)
 class Preset:
-    """A named method: its defaults (every valid override) and how it builds spec + aggregator.
+    """A named method: its options class (every valid option, with its default) and its builder.
 
-    ``build(model, options) -> (spec, aggregator, okd_kwargs)`` receives the merged options.
+    ``options_type`` is a frozen dataclass (the shipped presets derive theirs from
+    :class:`~branchify.methods.options.CommonOptions`); a dict of defaults is accepted instead and
+    turned into one. ``build(model, options, tracer) -> Built`` (:data:`Builder`). ``renamed``
+    maps former option names to their new ones (accepted with a ``DeprecationWarning``).
     """
 
     name: str
     summary: str
-    defaults: dict[str, Any]
+    options_type: type
     build: Builder
+    renamed: Mapping[str, Renamed] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.options_type, Mapping):
+            object.__setattr__(self, "options_type", options_class(self.name, self.options_type))
+        elif not (isinstance(self.options_type, type) and is_dataclass(self.options_type)):
+            raise MethodError(f"preset {self.name!r}: options_type must be a dataclass (or a dict of defaults), "
+                              f"got {self.options_type!r}")
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Every option and its default, as a dict (the fields of :attr:`options_type`)."""
+        return option_defaults(self.options_type)
 
 
 _REGISTRY: dict[str, Preset] = {}
@@ -116,12 +140,74 @@ class Resolved:
 
 def apply_model_options(branched: Any, options: dict[str, Any]) -> None:
     """Set :data:`MODEL_OPTIONS` on a built model (``views`` -> ``branched.set_views``), then run the
-    preset's ``setup`` steps (a builder puts ``o["_setup"] = [fn(branched), ...]``, e.g. PCL attaching
-    its temporal-mean copy)."""
+    preset's ``setup`` steps (:attr:`Built.setup <branchify.methods.options.Built.setup>`, e.g. PCL
+    attaching its temporal-mean copy)."""
     if options.get("views") is not None:
         branched.set_views(options["views"])
     for step in options.get("setup", ()):
         step(branched)
+
+
+_PACKAGE = str(Path(__file__).resolve().parents[1])
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside this package (where the user's call is)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _renamed(preset: Preset, overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` with the preset's former option names (:attr:`Preset.renamed`) replaced, each with
+    a ``DeprecationWarning`` naming the new option."""
+    for old, to in preset.renamed.items():
+        if old not in overrides:
+            continue
+        if to.new in overrides:
+            raise MethodError(f"method {preset.name!r}: give {to.new}= ({old}= is its former name), not both")
+        value = overrides[old]
+        new_value = to.values.get(value, value) if isinstance(value, str) else value
+        warnings.warn(f"method {preset.name!r}: the option {old}= is now {to.new}=; pass {to.new}={new_value!r} "
+                      f"instead of {old}={value!r}", DeprecationWarning, stacklevel=_caller_stacklevel())
+        overrides = {**{k: v for k, v in overrides.items() if k != old}, to.new: new_value}
+    return overrides
+
+
+def _options(preset: Preset, overrides: dict[str, Any], passed_on: tuple[str, ...]) -> Any:
+    """The preset's options object from ``overrides`` (the names in ``passed_on`` are accepted and
+    left out); an unknown name raises :class:`MethodError` listing every valid one."""
+    if "splits" in overrides:  # bf.Spec's spelling, accepted here too
+        if "split" in overrides:
+            raise MethodError("give split= or splits= (the same option), not both")
+        overrides = {**{k: v for k, v in overrides.items() if k != "splits"}, "split": overrides["splits"]}
+    overrides = _renamed(preset, overrides)
+    names = [f.name for f in fields(preset.options_type)]
+    valid = sorted({*names, *passed_on})
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        hints = "".join(nearest(u, valid) for u in unknown)
+        raise MethodError(f"method {preset.name!r} does not take {unknown}{hints}\n"
+                          f"valid options: {', '.join(valid)}")
+    return preset.options_type(**{k: v for k, v in overrides.items() if k not in passed_on})
+
+
+def method_options(name: str, **overrides: Any) -> Any:
+    """The options a preset builds with: its options dataclass at its defaults, with ``overrides``
+    checked and applied (the object ``bf.method(name, model, **overrides)`` hands its builder).
+
+    Every field is documented in the preset's module (``type(method_options(name))``, also
+    ``get_preset(name).options_type``); a wrong name lists every valid one.
+
+    Examples:
+        >>> method_options("dml")
+        DMLOptions(split=None, target=0, init='auto', temperature=1.0, ramp=None, ce_weight=1.0, kd_weight=1.0, \
+detach=None, teacher=None, teacher_weight=1.0, teacher_temperature=None, branches=2, ensemble='pairwise')
+        >>> method_options("tsa", alpha=0.3).alpha
+        0.3
+    """
+    return _options(get_preset(name), overrides, ())
 
 
 def resolve(name: str, model: nn.Module, overrides: dict[str, Any]) -> Resolved:
@@ -131,28 +217,17 @@ def resolve(name: str, model: nn.Module, overrides: dict[str, Any]) -> Resolved:
     integration (:func:`branchify.integrations.hf.branchify_hf`) both go through here.
     """
     preset = get_preset(name)
-    if "splits" in overrides:  # bf.Spec's spelling, accepted here too
-        if "split" in overrides:
-            raise MethodError("give split= or splits= (the same option), not both")
-        overrides = {**{k: v for k, v in overrides.items() if k != "splits"}, "split": overrides["splits"]}
-    valid = sorted({*preset.defaults, *BRANCHIFY_OPTIONS, *MODEL_OPTIONS})
-    unknown = sorted(set(overrides) - set(valid))
-    if unknown:
-        hints = "".join(nearest(u, valid) for u in unknown)
-        raise MethodError(f"method {preset.name!r} does not take {unknown}{hints}\n"
-                          f"valid options: {', '.join(valid)}")
-    passed_on = (*BRANCHIFY_OPTIONS, *MODEL_OPTIONS)
-    options = {**preset.defaults, **{k: v for k, v in overrides.items() if k not in passed_on},
-               "tracer": overrides.get("tracer")}  # builders trace with it when they choose a split
-    spec, aggregator, loss_kwargs = preset.build(model, options)
-    branchify_kwargs = {k: overrides[k] for k in BRANCHIFY_OPTIONS if k in overrides}
-    chosen = options.get("_default_splits")
-    if chosen is not None and chosen.traced is not None:  # the default split's traced copy: no second trace
-        branchify_kwargs["traced"] = chosen.traced
+    options = _options(preset, overrides, (*BRANCHIFY_OPTIONS, *MODEL_OPTIONS))
     model_options = {k: overrides[k] for k in MODEL_OPTIONS if k in overrides}
     check_views(model_options.get("views"))
-    model_options["setup"] = list(options.get("_setup", ()))
-    return Resolved(spec, aggregator, loss_kwargs, branchify_kwargs, options.get("_split_reason"), model_options)
+    built = preset.build(model, options, overrides.get("tracer"))  # it traces with it to choose a split
+    branchify_kwargs = {k: overrides[k] for k in BRANCHIFY_OPTIONS if k in overrides}
+    traced = built.traced_copy()
+    if traced is not None:  # the copy the builder traced: no second trace
+        branchify_kwargs["traced"] = traced
+    model_options["setup"] = list(built.setup)
+    reason = built.default_split.reason if built.default_split is not None else None
+    return Resolved(built.spec, built.aggregator, built.loss_kwargs, branchify_kwargs, reason, model_options)
 
 
 def method(name: str, model: nn.Module, **overrides: Any) -> tuple["BranchedModel", OnlineKD]:
@@ -160,9 +235,9 @@ def method(name: str, model: nn.Module, **overrides: Any) -> tuple["BranchedMode
 
     The aggregator is attached to the branched model (``model.aggregator``), so optimising
     ``model.parameters()`` trains it. Overrides change the preset's defaults (each preset's
-    options: ``get_preset(name).defaults``); ``model_fn``, ``tracer``, ``feature_node`` and
-    ``batched`` go to :func:`branchify.branchify`; ``views`` gives every leaf its own view of the batch
-    (:mod:`branchify.views`). A wrong name lists every valid option.
+    options: :func:`method_options`, a documented dataclass); ``model_fn``, ``tracer``,
+    ``feature_node``, ``batched`` and ``init_noise`` go to :func:`branchify.branchify`; ``views`` gives
+    every leaf its own view of the batch (:mod:`branchify.views`). A wrong name lists every valid option.
 
     Examples:
         >>> bm, okd = method("okddip", cifar_resnet32(), branches=5, space="prob")   # doctest: +SKIP

@@ -11,28 +11,56 @@ The formula, defaults, reference code (file and line) and paper-vs-code choices 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 from ..aggregators import Pairwise
 from ..spec import Spec
-from .common import COMMON, alpha_loss, as_splits, branches
+from .common import alpha_loss, as_splits, branches
+from .options import Built, CommonOptions
 from .registry import Preset, register_method
 
-DEFAULTS = {**COMMON, "branches": 2, "fanout": None, "alpha": 0.5, "ce_weight": None, "kd_weight": None}
+
+@dataclass(frozen=True, kw_only=True)
+class TSAOptions(CommonOptions):
+    """TSA's options: the common ones (the CE / KD weights from ``alpha``), the tree and ``alpha``."""
+
+    ce_weight: float | None = None
+    """``None``: ``1 - alpha``."""
+    kd_weight: float | None = None
+    """``None``: ``alpha``."""
+    branches: int = 2
+    """M, the children of every node (TSA-M-H) when ``fanout`` is not given."""
+    fanout: list | None = None
+    """The children of each node per level (:class:`~branchify.Spec`'s ``fanout``); ``None``:
+    ``branches`` at every level."""
+    alpha: float = 0.5
+    """The CE / KD balance: ``(1 - alpha) CE + alpha KD`` (this toolkit's choice: TSA has no public code)."""
 
 
-def _spec(model, o):
-    fanout = o["fanout"]
-    levels = len(fanout) if fanout is not None else (None if o["split"] is not None else 2)
-    splits = as_splits(o, levels, model)
+@dataclass(frozen=True, kw_only=True)
+class UTSAOptions(TSAOptions):
+    """U-TSA's options: TSA's with the unbalanced fanout."""
+
+    fanout: list | None = field(default_factory=lambda: [2, [3, 1]])
+    """``[2, [3, 1]]``: the reading of the paper's Fig. 2b."""
+
+
+def _spec(model: Any, o: TSAOptions, tracer: Any) -> tuple[Spec, Any]:
+    fanout = o.fanout
+    levels = len(fanout) if fanout is not None else (None if o.split is not None else 2)
+    splits, chosen = as_splits(o, levels, model, tracer)
     if fanout is None:  # TSA-M-H: M children per node at every level
         fanout = [branches(o, 1)] * len(splits)
-    return Spec(splits=splits, fanout=fanout, target=o["target"], init=o["init"])
+    return Spec(splits=splits, fanout=fanout, target=o.target, init=o.init), chosen
 
 
-def build(model, o):
-    return _spec(model, o), Pairwise(), alpha_loss(o)
+def build(model: Any, o: TSAOptions, tracer: Any = None) -> Built:
+    spec, chosen = _spec(model, o, tracer)
+    return Built(spec, Pairwise(), alpha_loss(o), chosen)
 
 
 PRESET = register_method(Preset("tsa", "TSA-2-3: splits at the last two stages, fanout [2, 2], pairwise KL",
-                                DEFAULTS, build))
+                                TSAOptions, build))
 U_PRESET = register_method(Preset("u_tsa", "U-TSA: unbalanced fanout [2, [3, 1]], pairwise KL",
-                                  {**DEFAULTS, "fanout": [2, [3, 1]]}, build))
+                                  UTSAOptions, build))

@@ -258,7 +258,7 @@ def test_dml_equals_pairwise_dml(tiny_resnet):
 
 
 def test_dml_peer_mean_equals_okddips_dml(tiny_resnet):
-    assert_matches_authors(*_branched(tiny_resnet, "dml", branches=4, kd="peer_mean"), okddip_dml)
+    assert_matches_authors(*_branched(tiny_resnet, "dml", branches=4, ensemble="peer_mean"), okddip_dml)
 
 
 def test_md_loss_is_eq_9_without_t_squared():

@@ -5,13 +5,13 @@ import torchvision
 from torch import nn
 
 from branchify.aggregators import Gate, HierarchicalTA, Mean, Pairwise, PeerAttention, PeerMean
-from branchify.methods import (MethodError, available_methods, default_splits, get_preset, method,
+from branchify.methods import (MethodError, available_methods, default_splits, get_preset, method, method_options,
                                register_method)
 
 
 def _build(name, model, **overrides):
-    preset = get_preset(name)
-    return preset.build(model, {**preset.defaults, **overrides})
+    built = get_preset(name).build(model, method_options(name, **overrides))
+    return built.spec, built.aggregator, built.loss_kwargs
 
 
 def test_registry_names_and_aliases():
@@ -60,7 +60,7 @@ def test_preset_templates(tiny_resnet):
     assert kw["temperature"] == 3.0 and kw["ramp"] == pytest.approx(80 / 300) and kw["detach"] is None
     spec, agg, kw = _build("cl_ilr", net)
     assert isinstance(agg, PeerMean) and not agg.detach and spec.grad_scale == {"layer3": pytest.approx(1 / 3)}
-    assert isinstance(_build("cl_ilr", net, mean="all")[1], Mean)
+    assert isinstance(_build("cl_ilr", net, ensemble="mean")[1], Mean)
     assert _build("okddip", net, leader=None)[1].leader is None
     spec, agg, kw = _build("okddip", net, target=2)
     assert isinstance(agg, PeerAttention) and agg.leader == "target" and not agg.detach
@@ -77,7 +77,7 @@ def test_preset_templates(tiny_resnet):
     assert _build("ahbf", torchvision.models.resnet18())[0].deepen == {"layer4": [0, 2, 4, 6]}
     spec, agg, kw = _build("dml", net)
     assert (spec.splits, spec.fanout, kw["temperature"], kw["ramp"]) == (["<input>"], [2], 1.0, None)
-    assert isinstance(agg, Pairwise) and isinstance(_build("dml", net, kd="peer_mean")[1], PeerMean)
+    assert isinstance(agg, Pairwise) and isinstance(_build("dml", net, ensemble="peer_mean")[1], PeerMean)
 
 
 def test_override_validation(tiny_resnet):
@@ -87,10 +87,10 @@ def test_override_validation(tiny_resnet):
         _build("u_tsa", tiny_resnet(), split=["layer3"])
     with pytest.raises(MethodError, match="alpha"):
         _build("tsa", tiny_resnet(), alpha=1.5)
-    with pytest.raises(MethodError, match="'others'.*'all'"):
-        _build("cl_ilr", tiny_resnet(), mean="self")
-    with pytest.raises(MethodError, match="'pairwise'.*'peer_mean'"):
-        _build("dml", tiny_resnet(), kd="mean")
+    with pytest.raises(MethodError, match="ensemble='self' is unknown; choose 'peer_mean'.*'mean'"):
+        _build("cl_ilr", tiny_resnet(), ensemble="self")
+    with pytest.raises(MethodError, match="ensemble='mean' is unknown; choose 'pairwise'.*'peer_mean'"):
+        _build("dml", tiny_resnet(), ensemble="mean")
     with pytest.raises(MethodError, match="leader=2: pass 'target'"):
         _build("okddip", tiny_resnet(), leader=2)
     assert _build("one", tiny_resnet(), split="layer2")[0].splits == ["layer2"]
