@@ -28,7 +28,6 @@ Examples:
 from __future__ import annotations
 
 import abc
-import contextlib
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -38,16 +37,10 @@ from torch import nn
 from .aggregators.base import Aggregator
 from .outputs import BranchedOutput, Targets
 from .tree import TreePath
+from .utils import no_autocast
 
 if TYPE_CHECKING:
     from .spec import Spec
-
-
-def no_autocast(device: torch.device):
-    """Autocast switched off on ``device`` (a no-op where autocast does not exist, e.g. ``meta``)."""
-    if device.type == "meta":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def _cast(out: BranchedOutput, dtype: torch.dtype) -> BranchedOutput:

@@ -1,5 +1,7 @@
-"""Peers on several processes with ``torch.distributed``: the MD soft-label collective, a DML-style
-per-batch logit exchange, and the checks that keep ranks consistent.
+"""Peers on several processes with ``torch.distributed``: joining the process group, the checks
+that keep ranks consistent, a DML-style per-batch logit exchange (:class:`DistributedCohort`,
+``peers.py``) and codistillation across replica groups (``codistill.py``). MD's soft-label
+collective is :class:`branchify.md.CollectiveExchange`.
 
 Launch with ``torchrun --nproc_per_node N ...`` (one machine or many); :func:`init_from_env`
 joins the process group (gloo on CPU, nccl on GPU). Peers are numbered globally, rank-major:
@@ -21,8 +23,7 @@ Example (one peer per rank, MD)::
     trainer = MDTrainer(cohort, opts, loader, soft_label_loader=..., peer_ids=mine,
                         exchange=CollectiveExchange(num_peers=len(MODELS)))
 """
-from branchify.distributed.cohort import DistributedCohort
-from branchify.distributed.env import (
+from .env import (
     DistributedError,
     assign_peers,
     check_same,
@@ -31,10 +32,23 @@ from branchify.distributed.env import (
     init_from_env,
     is_distributed,
     launched_by_torchrun,
-    tensor_fingerprint,
 )
-from branchify.distributed.exchange import Aggregate, CollectiveExchange, LocalExchange
+from .peers import DistributedCohort
 
-__all__ = ["Aggregate", "CollectiveExchange", "DistributedCohort", "DistributedError", "LocalExchange",
-           "assign_peers", "check_same", "comm_device", "gather_objects", "init_from_env", "is_distributed",
-           "launched_by_torchrun", "tensor_fingerprint"]
+__all__ = ["DistributedCohort", "DistributedError", "assign_peers", "check_same", "comm_device", "gather_objects",
+           "init_from_env", "is_distributed", "launched_by_torchrun"]
+
+_MOVED_TO_MD = ("Aggregate", "CollectiveExchange", "LocalExchange")
+
+
+def __getattr__(name: str):
+    """MD's soft-label exchange lives in :mod:`branchify.md`; its old names here still resolve.
+
+    Examples:
+        >>> from branchify.distributed import LocalExchange   # same class as branchify.md.LocalExchange
+    """
+    if name in _MOVED_TO_MD:
+        from .. import md
+
+        return getattr(md, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

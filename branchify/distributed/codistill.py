@@ -48,9 +48,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from branchify.distributed.env import DistributedError, tensor_fingerprint
-from branchify.functional import kl_div_logits
-from branchify.outputs import BranchedOutput
+from ..functional import kl_div_logits
+from ..outputs import BranchedOutput
+from ..utils import tensor_fingerprint
+from .env import DistributedError
 
 EXCHANGES = ("weights", "logits")
 

@@ -1,6 +1,7 @@
 """Process-group helpers: joining the group torchrun set up, the device collectives use, the
-rank-major assignment of peers to ranks, and the gather-and-compare checks (plus a bitwise tensor
-fingerprint) that make a bad launch fail on every rank with one message."""
+rank-major assignment of peers to ranks, and the gather-and-compare checks that make a bad launch
+fail on every rank with one message (compare :func:`~branchify.utils.tensor_fingerprint` values to
+check tensors)."""
 from __future__ import annotations
 
 import datetime
@@ -11,7 +12,6 @@ import torch
 import torch.distributed as dist
 
 from branchify.errors import BranchifyError
-from branchify.soft_labels import sequence_checksum
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -109,29 +109,3 @@ def check_same(value: Any, what: str, fix: str, group: Any = None) -> list[Any]:
         listing = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
         raise DistributedError(f"ranks disagree on the {what} ({listing}); {fix}")
     return values
-
-
-def tensor_fingerprint(*tensors: torch.Tensor) -> torch.Tensor:
-    """A bitwise, order-sensitive int64 checksum of tensors of any dtype (no device sync).
-
-    Floats are hashed by their bit patterns, so equal batches (same samples, same
-    augmentation) give equal fingerprints on every rank and anything else almost surely not.
-
-    Examples:
-        >>> x = torch.randn(4, 3)
-        >>> int(tensor_fingerprint(x)) == int(tensor_fingerprint(x.clone()))
-        True
-        >>> int(tensor_fingerprint(x)) == int(tensor_fingerprint(x + 1))
-        False
-    """
-    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    parts = []
-    for t in tensors:
-        t = t.detach().contiguous()
-        if t.dtype == torch.bool:
-            t = t.to(torch.uint8)
-        if t.is_floating_point() or t.is_complex():  # hash the bit patterns, exactly
-            t = t.reshape(-1).view(as_int.get(t.element_size(), torch.uint8))
-        parts.append(t.reshape(-1))
-        parts.append(torch.tensor(list(t.shape) or [0], device=t.device))
-    return sequence_checksum(*parts)

@@ -26,8 +26,16 @@ full cycle.
 
 Soft labels are read per batch by **training-sample index**: the training loader yields
 ``(inputs, labels, indices)`` (``recipes.data.TensorLoader(..., with_index=True)`` or
-``DataLoader(IndexedDataset(dataset))``), and the soft-label loader is a second loader over the
-same training set without augmentation.
+``DataLoader(branchify.utils.IndexedDataset(dataset))``), and the soft-label loader is a second
+loader over the same training set without augmentation.
+
+Everything MD-specific lives in this package: the loop (``trainer.py``), the loss (``loss.py``),
+the per-peer RNG streams (``rng.py``), the soft labels (``soft_labels.py``) and their
+combination over peers and ranks (``exchange.py``). It builds on shared pieces: the peers are a
+:class:`~branchify.Cohort`, the interval schedule is :class:`~branchify.schedules.IntervalSchedule`
+(re-exported here), the weight rule is
+:func:`~branchify.aggregators.accuracy_weighted.accuracy_weights` (also the ``AccuracyWeighted``
+aggregator's), and the collectives are :mod:`branchify.distributed`'s.
 
 Examples:
     >>> cohort = Cohort([resnet20(10, 1), mobilenetv2(10, 1)])                      # doctest: +SKIP
@@ -36,7 +44,11 @@ Examples:
     ...                     schedule=IntervalSchedule(independent=10, distill=30))
     >>> history = trainer.fit(epochs=80)                                                 # doctest: +SKIP
 """
-from branchify.md.loss import MDError, md_loss
-from branchify.md.trainer import CHECKPOINT_FORMAT, MDTrainer
+from ..schedules import IntervalPhase, IntervalSchedule
+from .exchange import Aggregate, CollectiveExchange, LocalExchange
+from .loss import MDError, md_loss
+from .soft_labels import SoftLabelError, SoftLabelPass, compute_soft_labels
+from .trainer import CHECKPOINT_FORMAT, MDTrainer
 
-__all__ = ["CHECKPOINT_FORMAT", "MDError", "MDTrainer", "md_loss"]
+__all__ = ["Aggregate", "CHECKPOINT_FORMAT", "CollectiveExchange", "IntervalPhase", "IntervalSchedule", "LocalExchange",
+           "MDError", "MDTrainer", "SoftLabelError", "SoftLabelPass", "compute_soft_labels", "md_loss"]

@@ -3,7 +3,6 @@ computed on the whole training set and combined across peers (in one process or 
 evaluation, and atomic per-rank checkpoints that resume a run exactly."""
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from pathlib import Path
@@ -12,19 +11,13 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from branchify.cohort import Cohort, call_peer, peer_logits
-from branchify.distributed import LocalExchange
-from branchify.md.loss import MDError, md_loss
-from branchify.md.rng import _PeerRNG
-from branchify.schedules import IntervalPhase, IntervalSchedule
-from branchify.soft_labels import (
-    SoftLabelError,
-    compute_soft_labels,
-    model_device,
-    sequence_checksum,
-    split_batch,
-    to_device,
-)
+from ..cohort import Cohort, call_peer, peer_logits
+from ..schedules import IntervalPhase, IntervalSchedule
+from ..utils import autocast, model_device, sequence_checksum, split_batch, to_device
+from .exchange import LocalExchange
+from .loss import MDError, md_loss
+from .rng import _PeerRNG
+from .soft_labels import SoftLabelError, compute_soft_labels, indexed_batch
 
 CHECKPOINT_FORMAT = "branchify.md/1"
 
@@ -61,8 +54,8 @@ class MDTrainer:
         lr_schedulers: one per local peer (or ``None``), stepped per ``lr_step``.
         lr_step: ``"epoch"`` or ``"step"``.
         peer_ids: global indices of the local peers (default ``0..len(cohort)-1``).
-        exchange: :class:`~branchify.distributed.LocalExchange` (default) or
-            :class:`~branchify.distributed.CollectiveExchange`.
+        exchange: :class:`~branchify.md.LocalExchange` (default) or
+            :class:`~branchify.md.CollectiveExchange`.
         num_samples: training-set size (default: ``soft_label_loader.num_samples`` or
             ``len(soft_label_loader.dataset)``).
         seed: seeds the per-peer RNG streams (peer ``i`` uses ``seed * 1000 + i``).
@@ -241,7 +234,7 @@ class MDTrainer:
         sums = [torch.zeros((), device=d) for d in self.devices]
         steps = 0
         for batch in self.train_loader:
-            args, kwargs, y, index = split_batch(batch, need_index=phase is not None and phase.distill)
+            args, kwargs, y, index = indexed_batch(batch, need_index=phase is not None and phase.distill)
             if index is not None:
                 h = sequence_checksum(index, y)
                 order = h if order is None else order * 1_000_003 + h
@@ -270,8 +263,7 @@ class MDTrainer:
         device = self.devices[j]
         a, kw = to_device(args, kwargs, device)
         with self._rng[j].active():
-            cast = torch.autocast(device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
-            with cast:
+            with autocast(device, self.amp_dtype):
                 z = peer_logits(call_peer(peer, a, kw))
             t = teacher.to(device) if teacher is not None else None
             loss = md_loss(z.float(), y.to(device), t, phase, self.temperature, kd_t2=self.kd_t2)
@@ -291,7 +283,7 @@ class MDTrainer:
         probs: list[list[torch.Tensor]] = [[] for _ in self.peers]
         labels = []
         for batch in loader:
-            args, kwargs, y, _ = split_batch(batch, need_index=False)
+            args, kwargs, y, _ = split_batch(batch)
             for j, peer in enumerate(self.peers):
                 was = peer.training
                 peer.eval()
@@ -309,7 +301,7 @@ class MDTrainer:
         peer.eval()
         with torch.no_grad():
             for batch in loader:
-                args, kwargs, y, _ = split_batch(batch, need_index=False)
+                args, kwargs, y, _ = split_batch(batch)
                 a, kw = to_device(args, kwargs, self.devices[j])
                 z = peer_logits(call_peer(peer, a, kw))
                 correct += int((z.argmax(-1).cpu() == y.cpu()).sum())

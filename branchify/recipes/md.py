@@ -42,8 +42,8 @@ from typing import Any
 import torch
 
 import branchify as bf
-from branchify.distributed import CollectiveExchange, LocalExchange, assign_peers, init_from_env
-from branchify.md import MDTrainer
+from branchify.distributed import assign_peers, init_from_env
+from branchify.md import CollectiveExchange, LocalExchange, MDTrainer
 from branchify.schedules import IntervalSchedule
 
 from .cli import machine

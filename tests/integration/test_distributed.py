@@ -13,9 +13,9 @@ from torch import nn
 
 import branchify as bf
 from branchify.aggregators import Pairwise, PeerAttention
-from branchify.distributed import (DistributedError, LocalExchange, assign_peers, check_same, gather_objects,
-                                   tensor_fingerprint)
-from branchify.md import MDTrainer
+from branchify.distributed import DistributedError, assign_peers, check_same, gather_objects
+from branchify.md import LocalExchange, MDTrainer
+from branchify.utils import tensor_fingerprint
 from branchify.schedules import IntervalSchedule
 from branchify.recipes.data import TensorLoader
 
@@ -100,7 +100,8 @@ def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from branchify.distributed import CollectiveExchange, DistributedCohort, init_from_env
+    from branchify.distributed import DistributedCohort, init_from_env
+    from branchify.md import CollectiveExchange
 
     init_from_env(backend="gloo", timeout_s=60)
     out_dir = Path(out)

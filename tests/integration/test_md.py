@@ -13,8 +13,9 @@ import branchify as bf
 from branchify.md import MDError, MDTrainer, md_loss
 from branchify.schedules import IntervalSchedule
 from branchify.aggregators import AccuracyWeighted, AggregatorError
-from branchify.soft_labels import (IndexedDataset, SoftLabelError, accuracy_weights, compute_soft_labels,
-                                   split_batch)
+from branchify.aggregators.accuracy_weighted import accuracy_weights
+from branchify.md.soft_labels import SoftLabelError, compute_soft_labels
+from branchify.utils import IndexedDataset, split_batch
 from branchify.recipes.data import TensorLoader
 
 from peer_models import SmallCNN, SmallMLP

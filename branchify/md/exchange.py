@@ -9,9 +9,10 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from branchify.cohort import CohortError
-from branchify.distributed.env import DistributedError, check_same, comm_device, gather_objects
-from branchify.soft_labels import accuracy_weights, weighted_sum
+from ..aggregators.accuracy_weighted import accuracy_weights
+from ..cohort import CohortError
+from ..distributed.env import DistributedError, check_same, comm_device, gather_objects
+from .soft_labels import weighted_sum
 
 
 # ---------------------------------------------------------------------- MD soft-label exchange

@@ -9,11 +9,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from branchify.cohort import Cohort, CohortError, check_aggregator
-from branchify.contract import LeafModel
-from branchify.distributed.env import DistributedError, check_same, comm_device, gather_objects, tensor_fingerprint
-from branchify.outputs import BranchedOutput
-from branchify.spec import INPUT, Spec
+from ..cohort import Cohort, CohortError, check_aggregator
+from ..contract import LeafModel
+from ..outputs import BranchedOutput
+from ..spec import INPUT, Spec
+from ..utils import tensor_fingerprint
+from .env import DistributedError, check_same, comm_device, gather_objects
 
 
 # ---------------------------------------------------------------------- DML-style exchange
