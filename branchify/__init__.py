@@ -18,7 +18,7 @@ from .build import branchify
 from .cohort import Cohort
 from .contract import LeafModel
 from .errors import BranchifyError
-from .methods import available_methods, method
+from .methods import available_methods, method, method_options
 from .model import BranchedModel
 from .online_kd import LossOutput, OnlineKD
 from .outputs import BranchedOutput
@@ -32,5 +32,5 @@ __version__ = "0.2.0"
 
 __all__ = ["BranchedModel", "BranchedOutput", "BranchifyError", "Cohort", "INPUT", "LeafModel", "LossOutput",
            "OnlineKD", "Spec", "SpecError", "Tracer", "TraceError", "aggregators", "available_methods", "branchify",
-           "method", "methods", "metrics", "pretrained_peers", "schedules", "split_points", "TemporalMean",
-           "trace", "views", "viz"]
+           "method", "method_options", "methods", "metrics", "pretrained_peers", "schedules", "split_points",
+           "TemporalMean", "trace", "views", "viz"]

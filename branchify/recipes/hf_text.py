@@ -235,7 +235,7 @@ def run_method(method: str, args: argparse.Namespace, tokenizer: Any, train: Any
                      "init": args.init, "init_noise": args.init_noise}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            model = branchify_hf(base, method, **{k: v for k, v in overrides.items() if v})
+            model = branchify_hf(method, base, **{k: v for k, v in overrides.items() if v})
         callbacks.append(BranchifyCallback())
     if args.task == "classify":
         collator = T.DataCollatorWithPadding(tokenizer)

@@ -138,7 +138,7 @@ def run_method(method: str, train: ImageDataset, test: ImageDataset, args: argpa
         split = METHOD_SPLITS.get(method)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            model = branchify_hf(vit, method, init=args.init, **({"split": split} if split else {}))
+            model = branchify_hf(method, vit, init=args.init, **({"split": split} if split else {}))
         callbacks.append(BranchifyCallback())
     trained_params = sum(p.numel() for p in model.parameters())
     trainer = Trainer(model=model, args=training_args(out, args), train_dataset=train, eval_dataset=test,

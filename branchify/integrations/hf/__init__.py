@@ -18,7 +18,7 @@ what to install.
 Examples:
     >>> from transformers import Trainer, TrainingArguments
     >>> from branchify.integrations.hf import BranchifyCallback, branchify_hf
-    >>> model = branchify_hf(BertForSequenceClassification(cfg), "one",
+    >>> model = branchify_hf("one", BertForSequenceClassification(cfg),
     ...                      split="bert.encoder.layer.2")                  # doctest: +SKIP
     >>> trainer = Trainer(model=model, args=TrainingArguments("out", report_to=[]),
     ...                   train_dataset=ds, callbacks=[BranchifyCallback()])  # doctest: +SKIP

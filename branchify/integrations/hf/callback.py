@@ -1,7 +1,7 @@
 """The Trainer callback: epoch schedules, loss parts in the logs, ``save_pretrained`` export.
 
 Examples:
-    >>> trainer = Trainer(model=branchify_hf(bert, "one"), args=args, train_dataset=ds,
+    >>> trainer = Trainer(model=branchify_hf("one", bert), args=args, train_dataset=ds,
     ...                   callbacks=[BranchifyCallback()])           # doctest: +SKIP
 """
 from __future__ import annotations

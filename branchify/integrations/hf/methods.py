@@ -6,7 +6,7 @@ gate from the width at the cut, ``BranchedModel.cut_channels``). The one HF-spec
 where an encoder-decoder is cut (:func:`default_hf_splits`).
 
 Examples:
-    >>> model = branchify_hf(BertForSequenceClassification(cfg), "one",
+    >>> model = branchify_hf("one", BertForSequenceClassification(cfg),
     ...                      split="bert.encoder.layer.2")                  # doctest: +SKIP
 """
 from __future__ import annotations
@@ -86,13 +86,37 @@ def _decoder_default(model: nn.Module, chosen: list[str]) -> tuple[list[str], st
                     f"{blocks[0]} .. {blocks[-1]}) cut by the generic rule (instead of the encoder: {chosen})")
 
 
-def branchify_hf(model: nn.Module, method: str = "one", *, split: str | Sequence[str] | None = None,
-                 input_names: Sequence[str] | None = None, tracer: HFTracer | None = None,
-                 task: str | None = None, **overrides: Any) -> BranchedHFModel:
+def _method_and_model(args: tuple[Any, ...], method: str | None, model: nn.Module | None) -> tuple[str, nn.Module]:
+    """``(method name, model)`` from branchify_hf's positional arguments (either order: the
+    ``nn.Module`` is the model, the string the method) and its ``method=`` / ``model=`` keywords."""
+    if len(args) > 2:
+        raise TypeError(f"branchify_hf takes a method name and a model, got {len(args)} positional arguments")
+    for arg in args:
+        if isinstance(arg, nn.Module) and model is None:
+            model = arg
+        elif isinstance(arg, str) and method is None:
+            method = arg
+        else:
+            raise TypeError(f"branchify_hf(method, model): got {type(arg).__name__} {arg!r:.60} in addition to "
+                            f"method={method!r} and a model={type(model).__name__}; pass one method name (a str, "
+                            f"branchify.available_methods() lists them) and one nn.Module")
+    if model is None:
+        raise TypeError("branchify_hf(method, model) needs the model (an nn.Module)")
+    return ("one" if method is None else method), model
+
+
+def branchify_hf(*args: str | nn.Module, method: str | None = None, model: nn.Module | None = None,
+                 split: str | Sequence[str] | None = None, input_names: Sequence[str] | None = None,
+                 tracer: HFTracer | None = None, task: str | None = None, **overrides: Any) -> BranchedHFModel:
     """One call: a named method (``"one"``, ``"tsa"``, ``"okddip"``, ``"dml"``...) around an HF model.
 
+    The preferred call is in :func:`branchify.method`'s order, ``branchify_hf(method, model)``.
+    The former order ``branchify_hf(model, method)``, ``branchify_hf(model)`` (ONE) and the keywords
+    ``method=`` / ``model=`` keep working: the positional ``nn.Module`` is the model and the
+    positional string the method name, whatever their order.
+
     ``split`` and ``overrides`` are :func:`branchify.method`'s options (``branches=``,
-    ``temperature=``, ``ramp=``, ``alpha=``..., see ``branchify.methods.get_preset(method).defaults``),
+    ``temperature=``, ``ramp=``, ``alpha=``..., see ``branchify.method_options(method)``),
     checked and defaulted by the same code, with the same errors. Without ``split`` the model is
     cut by :func:`default_hf_splits` (the generic rule; an encoder-decoder in its decoder).
     ``input_names`` chooses the traced inputs (:class:`HFTracer`), ``task`` overrides
@@ -100,10 +124,11 @@ def branchify_hf(model: nn.Module, method: str = "one", *, split: str | Sequence
     the cut).
 
     Examples:
-        >>> model = branchify_hf(BertForSequenceClassification(cfg), "one",
+        >>> model = branchify_hf("one", BertForSequenceClassification(cfg),
         ...                      split="bert.encoder.layer.1", branches=4)   # doctest: +SKIP
         >>> model(input_ids=ids, attention_mask=mask, labels=y).loss       # doctest: +SKIP
     """
+    method, model = _method_and_model(args, method, model)
     if tracer is None:
         tracer = HFTracer(input_names=input_names)
     elif input_names is not None:
