@@ -10,7 +10,15 @@ from torch import nn
 
 from .contract import LeafModel, no_autocast
 from .functional import cross_entropy, kl_div_logits, kl_div_mixture, valid_mask
-from .outputs import BranchedOutput, KDTerm, Targets, classifier_logits, with_labels
+from .outputs import (
+    BranchedOutput,
+    KDTerm,
+    Targets,
+    classifier_logits,
+    teacher_logits,
+    with_labels,
+    with_teacher_logits,
+)
 from .schedules import Constant, Schedule, as_schedule
 from .token_chunks import check_token_chunk, chunked_terms, count_distinct, resolve_chunk
 from .validation import check_labels
@@ -255,7 +263,8 @@ class OnlineKD:
             raise ValueError(f"KD term {term.name!r}: its teacher depends on the labels ({term.label_rule!r}); "
                              f"apply branchify.outputs.with_labels(targets, y) first, or use okd(out, y)")
         detach = self._detach_of(term)
-        teacher = term.teacher.detach() if detach else term.teacher
+        teacher = teacher_logits(term.teacher)  # a LinearTeacher is formed here
+        teacher = teacher.detach() if detach else teacher
         if term.is_mixture:
             log_w = term.teacher_log_weights
             log_w = log_w.detach() if detach else log_w  # type: ignore[union-attr]
@@ -290,6 +299,8 @@ class OnlineKD:
         parts: dict[str, torch.Tensor] = {}
         mask = valid_mask(y, out.logits[0])
         chunked = self._chunked(out, targets, y)
+        if chunked is None:  # unchunked: a LinearTeacher is formed once, for its CE and KD terms
+            targets = with_teacher_logits(targets)
         ce_values = iter(chunked.ce) if chunked is not None else None
         kd_values = iter(chunked.kd) if chunked is not None else None
         ce_total = out.logits[0].new_zeros((), dtype=torch.float32)

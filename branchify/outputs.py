@@ -15,7 +15,8 @@ class KDTerm:
 
     Args:
         name: label used in the loss parts (``"kd/<name>"``), e.g. ``"leaf1"`` or ``"leaf0<-leaf2"``.
-        teacher: teacher *logits* ``[B, ..., C]``, softened by the loss with its temperature.
+        teacher: teacher *logits* ``[B, ..., C]`` (or a :class:`LinearTeacher` that forms them),
+            softened by the loss with its temperature.
             When ``teacher_log_weights`` is given, ``teacher`` instead stacks K component logits
             along a new dim 0 (``[K, B, ..., C]``) and the teacher distribution is the mixture
             ``sum_k exp(teacher_log_weights[k]) * softmax(teacher[k] / T)``. This is how a teacher
@@ -40,7 +41,7 @@ class KDTerm:
     """
 
     name: str
-    teacher: torch.Tensor
+    teacher: "torch.Tensor | LinearTeacher"
     student: torch.Tensor
     weight: float = 1.0
     detach: bool | None = None
@@ -54,13 +55,90 @@ class KDTerm:
 
 
 @dataclass
+class LinearTeacher:
+    """Teacher logits that are a weighted sum of other logits, ``sum_k w_k z_k``, not yet formed.
+
+    ONE's gate hands its teacher this way on large token-level outputs: the token-chunked loss
+    (:mod:`branchify.token_chunks`) then forms it one chunk of positions at a time, so the
+    ``[tokens, vocab]`` teacher and its gradient never exist; any other reader calls
+    :meth:`logits` (or :func:`teacher_logits`), which forms it exactly as the gate would.
+
+    Args:
+        components: K logits ``[B, ..., C]`` of one shape (the leaves').
+        weights: ``[B, K]`` (one weight per sample and component) or ``[B, ..., K]`` (per
+            position: the components' shape with the class dim replaced by K).
+
+    Examples:
+        >>> z = [torch.ones(2, 3, 4), torch.zeros(2, 3, 4)]
+        >>> LinearTeacher(z, torch.tensor([[0.25, 0.75], [1.0, 0.0]])).logits()[:, 0, 0].tolist()
+        [0.25, 1.0]
+    """
+
+    components: list[torch.Tensor]
+    weights: torch.Tensor
+
+    def weight(self, k: int) -> torch.Tensor:
+        """The weight of component ``k``, shaped to broadcast against it (``[B, 1, ..., 1]`` or ``[B, ..., 1]``)."""
+        z, w = self.components[k], self.weights
+        if w.dim() == z.dim():  # per position ([B, C] logits: per sample and per position coincide)
+            return w[..., k].unsqueeze(-1)
+        return w[:, k].reshape(w.shape[0], *([1] * (z.dim() - 1)))
+
+    def per_position(self) -> torch.Tensor:
+        """The weights as ``[B, ..., K]`` over every position of the components (an expanded view)."""
+        z, w = self.components[0], self.weights
+        if w.dim() == z.dim():
+            return w
+        return w.reshape(w.shape[0], *([1] * (z.dim() - 2)), w.shape[-1]).expand(*z.shape[:-1], w.shape[-1])
+
+    def logits(self) -> torch.Tensor:
+        """``sum_k w_k z_k`` as one tensor."""
+        return sum(self.weight(k) * z for k, z in enumerate(self.components))  # type: ignore[return-value]
+
+
+def teacher_logits(teacher: "torch.Tensor | LinearTeacher") -> torch.Tensor:
+    """A teacher's logits: ``teacher`` itself, or a :class:`LinearTeacher` formed.
+
+    Examples:
+        >>> teacher_logits(LinearTeacher([torch.ones(1, 2)], torch.ones(1, 1))).tolist()
+        [[1.0, 1.0]]
+    """
+    return teacher.logits() if isinstance(teacher, LinearTeacher) else teacher
+
+
+def with_teacher_logits(targets: "Targets") -> "Targets":
+    """``targets`` with every :class:`LinearTeacher` formed into logits (once per teacher, so a
+    teacher shared by a cross-entropy and KD terms stays one tensor).
+
+    Examples:
+        >>> with_teacher_logits(Targets()).ce
+        {}
+    """
+    formed: list[tuple[LinearTeacher, torch.Tensor]] = []
+
+    def form(t):
+        if not isinstance(t, LinearTeacher):
+            return t
+        for mix, z in formed:
+            if mix is t:
+                return z
+        formed.append((t, t.logits()))
+        return formed[-1][1]
+
+    if not any(isinstance(t, LinearTeacher) for t in [*targets.ce.values(), *(k.teacher for k in targets.kd)]):
+        return targets
+    return Targets(kd=[replace(k, teacher=form(k.teacher)) for k in targets.kd],
+                   ce={name: form(z) for name, z in targets.ce.items()})
+
+
+@dataclass
 class Targets:
     """Everything an aggregator produces for one batch.
 
     Args:
         kd: distillation terms.
-        ce: name -> extra logits that get a cross-entropy with the labels (for example
-            ``{"teacher": z_e}`` for ONE). Logged as ``"ce/<name>"``.
+        ce: name -> extra logits (or a :class:`LinearTeacher`) that get a cross-entropy with the
+            labels (for example ``{"teacher": z_e}`` for ONE). Logged as ``"ce/<name>"``.
 
     Examples:
         >>> Targets(kd=[], ce={})
@@ -68,7 +146,7 @@ class Targets:
     """
 
     kd: list[KDTerm] = field(default_factory=list)
-    ce: dict[str, torch.Tensor] = field(default_factory=dict)
+    ce: "dict[str, torch.Tensor | LinearTeacher]" = field(default_factory=dict)
 
 
 @dataclass
@@ -186,6 +264,7 @@ def _register(cls: type, tensors: tuple[str, ...], context: tuple[str, ...]) -> 
                                 serialized_type_name=f"branchify.outputs.{cls.__name__}")
 
 
+_register(LinearTeacher, ("components", "weights"), ())
 _register(KDTerm, ("teacher", "student", "teacher_log_weights"), ("name", "weight", "detach", "label_rule"))
 _register(Targets, ("kd", "ce"), ())
 _register(BranchedOutput, ("logits", "features", "feature_maps", "cuts", "targets", "temporal", "hybrid"),

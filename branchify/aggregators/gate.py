@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import branchify.token_chunks as token_chunks
 from branchify.aggregators.base import Aggregator, AggregatorError, KDTerm, Targets, _model_attr, pool, require_size
-from branchify.outputs import BranchedOutput
+from branchify.outputs import BranchedOutput, LinearTeacher
 from branchify.tree import TreePath, segment_key
 
 
@@ -60,11 +61,19 @@ class Gate(Aggregator):
     constant, so the gate learns only through ``CE(z_e)``. With ``detach=False`` (OKDDip's
     ONE re-implementation) the gate also learns from the KD terms.
 
+    On large token-level outputs (``[B, L, V]`` logits with ``B L V (K + 1)`` at least
+    :data:`~branchify.token_chunks.AUTO_MIN_ELEMENTS`, where the loss chunks by default) ``z_e``
+    is handed as a :class:`~branchify.outputs.LinearTeacher` (the leaves' logits and ``g``), so
+    the token-chunked loss forms it chunk by chunk instead of holding ``[B, L, V]`` teacher logits
+    and their gradient; ``.logits()`` forms it, and an unchunked loss does so itself (same values).
+
     Args:
         channels: channels of the gate's input (``model.cut_channels(cut)`` when bound).
         num_leaves: number of leaves K (``model.num_leaves`` when bound).
         cut: tree path of the activation the gate reads (``()`` = trunk output).
         detach: default detach rule of the KD terms.
+        linear_teacher: ``"auto"`` hands ``z_e`` as a ``LinearTeacher`` on large token-level
+            outputs only (see above), ``True`` always, ``False`` never (always a tensor).
 
     Examples:
         >>> from branchify.outputs import BranchedOutput
@@ -76,8 +85,11 @@ class Gate(Aggregator):
     """
 
     def __init__(self, channels: int | None = None, num_leaves: int | None = None, *,
-                 cut: TreePath = (), detach: bool = True) -> None:
+                 cut: TreePath = (), detach: bool = True, linear_teacher: bool | str = "auto") -> None:
         super().__init__(detach=detach)
+        if linear_teacher not in (True, False, "auto"):
+            raise AggregatorError(f"Gate(linear_teacher=...) must be 'auto', True or False, got {linear_teacher!r}")
+        self.linear_teacher = linear_teacher
         self.channels = channels
         self.num_leaves = num_leaves
         self.cut = tuple(cut)
@@ -109,7 +121,16 @@ class Gate(Aggregator):
     def forward(self, out: BranchedOutput) -> Targets:
         self._check_leaves(out)
         g = self.gate_weights(out)
-        teacher = sum(_per_sample(g[:, k], z) * z for k, z in enumerate(out.logits))
+        if self._defers(out.logits):
+            teacher: torch.Tensor | LinearTeacher = LinearTeacher(list(out.logits), g)
+        else:
+            teacher = sum(_per_sample(g[:, k], z) * z for k, z in enumerate(out.logits))  # type: ignore[assignment]
         kd = [KDTerm(f"leaf{k}", teacher=teacher, student=z, detach=self.detach)
               for k, z in enumerate(out.logits)]
         return Targets(kd=kd, ce={"teacher": teacher})
+
+    def _defers(self, logits: list[torch.Tensor]) -> bool:
+        """Whether the teacher is handed as a ``LinearTeacher`` (see the class docstring)."""
+        if self.linear_teacher != "auto":
+            return bool(self.linear_teacher)
+        return logits[0].dim() >= 3 and logits[0].numel() * (len(logits) + 1) >= token_chunks.AUTO_MIN_ELEMENTS

@@ -133,7 +133,7 @@ def test_function_saves_only_its_inputs():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        ChunkedTokenLoss.apply(y, 2.0, (0, 1), ((1, 0, True),), 4, *z)
+        ChunkedTokenLoss.apply(y, 2.0, (0, 1), ((1, 0, True),), (), 4, *z)
     assert {t.data_ptr() for t in saved} <= {y.data_ptr(), *(t.data_ptr() for t in z)}
 
 
