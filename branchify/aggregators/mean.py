@@ -11,7 +11,7 @@ class Mean(Aggregator):
     """Teacher ``z_t = (1/K) sum_k z_k``; every leaf distils from it: ``KL(p_t || p_k)``.
 
     Default detach: ``True`` - the teacher is a constant target (KDCL's reading, and CL-ILR's
-    ``mean="all"`` reading: docs/methods/cl_ilr.md). Pass ``detach=False`` to let each leaf's
+    ``ensemble="mean"`` reading: docs/methods/cl_ilr.md). Pass ``detach=False`` to let each leaf's
     gradient also flow through the mean into the other leaves.
 
     Args:

@@ -5,6 +5,11 @@ Tree: ``branches`` = 4 leaves after the last stage: 3 peers + the leader, which 
 detached (the authors' code: the attention learns only through them). ``leader=None`` makes every
 leaf a peer (the authors' ``en`` mode). Loss: T = 3, ramp 80 of 300 epochs (``--length 80``).
 
+``space=`` (``"logits"``, the authors' code; ``"prob"``, the paper's Eq. 5) keeps
+:class:`~branchify.aggregators.PeerAttention`'s own parameter name: it sets how the one aggregator
+mixes, it does not choose the teacher, so it is not an ``ensemble=`` (the naming rule is on
+``docs/methods/index.md``).
+
 The formula, defaults, reference code (file and line) and paper-vs-code choices are on ``docs/methods/okddip.md``
 (the documentation site's method page).
 """

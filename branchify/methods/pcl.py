@@ -32,6 +32,11 @@ copied into ``tianlizhang/OKDPH@a562089`` ``src/06_PCL.py`` lines 20-103):
 ``tianlizhang/OKDPH`` ``src/06_PCL.py`` line 164 calls the EMA with ``global_step=0``, so its
 "mean model" is a plain copy of the weights after every step: ``ema_decay=0.0`` reproduces it.
 
+``peer_mean=`` (whose temporal means teach: ``"others"``, ``"own"`` or ``"all"``) is named after
+the paper's "peer mean teacher" (part ``pm``), not ``ensemble=``: PCL's ensemble teacher is the
+feature-fusion classifier (part ``pe``), which has no variants (the naming rule is on
+``docs/methods/index.md``).
+
 The formula, defaults, reference code (file and line) and paper-vs-code choices are on ``docs/methods/pcl.md``
 (the documentation site's method page).
 """
