@@ -1,5 +1,6 @@
-"""Peers on several processes with ``torch.distributed``: joining the process group, the checks
-that keep ranks consistent, a DML-style per-batch logit exchange (:class:`DistributedCohort`,
+"""Peers on several processes with ``torch.distributed``: the rank helpers every part of the
+package uses (``env.py``: joining the process group, rank and main rank, means over ranks, the
+checks that keep ranks consistent), a DML-style per-batch logit exchange (:class:`DistributedCohort`,
 ``peers.py``) and codistillation across replica groups (``codistill.py``). MD's soft-label
 collective is :class:`branchify.md.CollectiveExchange`.
 
@@ -25,18 +26,27 @@ Example (one peer per rank, MD)::
 """
 from .env import (
     DistributedError,
+    RankFailed,
     assign_peers,
+    barrier,
+    broadcast,
     check_same,
     comm_device,
     gather_objects,
     init_from_env,
     is_distributed,
+    is_main,
     launched_by_torchrun,
+    mean_over_ranks,
+    on_main,
+    rank_world,
+    shutdown,
 )
 from .peers import DistributedCohort
 
-__all__ = ["DistributedCohort", "DistributedError", "assign_peers", "check_same", "comm_device", "gather_objects",
-           "init_from_env", "is_distributed", "launched_by_torchrun"]
+__all__ = ["DistributedCohort", "DistributedError", "RankFailed", "assign_peers", "barrier", "broadcast", "check_same",
+           "comm_device", "gather_objects", "init_from_env", "is_distributed", "is_main", "launched_by_torchrun",
+           "mean_over_ranks", "on_main", "rank_world", "shutdown"]
 
 _MOVED_TO_MD = ("Aggregate", "CollectiveExchange", "LocalExchange")
 

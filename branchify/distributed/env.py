@@ -1,23 +1,30 @@
-"""Process-group helpers: joining the group torchrun set up, the device collectives use, the
-rank-major assignment of peers to ranks, and the gather-and-compare checks that make a bad launch
-fail on every rank with one message (compare :func:`~branchify.utils.tensor_fingerprint` values to
-check tensors)."""
+"""The rank helpers, one family for the whole package: joining the group torchrun set up, this
+process's rank and whether it is the main one, the device collectives use, the rank-major
+assignment of peers to ranks, the gather-and-compare checks that make a bad launch fail on every
+rank with one message (compare :func:`~branchify.utils.tensor_fingerprint` values to check
+tensors), means over ranks, and running something on rank 0 only. Without a process group (or
+with a group of one rank) each is its single-process meaning, with no collective."""
 from __future__ import annotations
 
 import datetime
 import os
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from branchify.errors import BranchifyError
+from ..errors import BranchifyError
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+T = TypeVar("T")
 
 
 class DistributedError(BranchifyError, RuntimeError):
     """Ranks that disagree (peer count, classes, data, resume epoch) or a bad launch."""
+
+
+class RankFailed(BranchifyError, RuntimeError):
+    """Raised on the other ranks when rank 0 failed inside :func:`on_main` (its message included)."""
 
 
 # ---------------------------------------------------------------------- process group
@@ -109,3 +116,118 @@ def check_same(value: Any, what: str, fix: str, group: Any = None) -> list[Any]:
         listing = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
         raise DistributedError(f"ranks disagree on the {what} ({listing}); {fix}")
     return values
+
+
+# ---------------------------------------------------------------------- rank, main rank, collectives
+def rank_world() -> tuple[int, int]:
+    """``(rank, world size)`` of the active process group, ``(0, 1)`` without one.
+
+    Examples:
+        >>> rank_world()
+        (0, 1)
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    """Whether this process writes files and prints (rank 0, or no process group).
+
+    Examples:
+        >>> is_main()
+        True
+    """
+    return rank_world()[0] == 0
+
+
+def mean_over_ranks(sums: dict[str, Any], counts: dict[str, int],
+                    device: torch.device | None = None) -> dict[str, float]:
+    """``sum / count`` per key, the sums and counts of every rank added first: the mean over every
+    observation of every rank (keys with no observation anywhere are left out).
+
+    A collective when more than one rank runs: every rank must call it (with any keys - ranks that
+    saw none of a key contribute zero). ``sums`` hold numbers or scalar tensors. ``device`` is
+    where the reduction runs (default: :func:`comm_device`, the current GPU under nccl).
+
+    Examples:
+        >>> mean_over_ranks({"ce": torch.tensor(3.0), "kd": 1.0}, {"ce": 2, "kd": 0})
+        {'ce': 1.5}
+    """
+    if not is_distributed():
+        return {k: float(v) / counts[k] for k, v in sums.items() if counts.get(k)}
+    if device is None:
+        device = comm_device()
+    gathered: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(sums))
+    keys = sorted({k for ks in gathered for k in (ks or [])})
+    if not keys:
+        return {}
+    values = torch.zeros(2 * len(keys), dtype=torch.float64, device=device)
+    for i, k in enumerate(keys):
+        if k in sums:
+            values[i] = torch.as_tensor(sums[k]).detach().to(device=device, dtype=torch.float64)
+            values[len(keys) + i] = counts[k]
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    totals, n = values[:len(keys)].tolist(), values[len(keys):].tolist()
+    return {k: totals[i] / n[i] for i, k in enumerate(keys) if n[i]}
+
+
+def broadcast(obj: T) -> T:
+    """Rank 0's ``obj`` on every rank (``obj`` itself without a process group).
+
+    Examples:
+        >>> broadcast({"epoch": 3})
+        {'epoch': 3}
+    """
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 only and give every rank its result; if it raises, every rank raises.
+
+    Without a process group this is ``fn()``. Errors travel as ``(type name, message)`` and are
+    re-raised as :class:`RankFailed` on the other ranks, so no rank waits for a failed one.
+
+    Examples:
+        >>> on_main(lambda: 2 + 3)
+        5
+    """
+    if not is_distributed():
+        return fn()
+    outcome: list[Any] = [None]
+    if is_main():
+        try:
+            outcome = [("ok", fn())]
+        except Exception as exc:  # noqa: BLE001 - shipped to the other ranks, re-raised below
+            dist.broadcast_object_list([("error", f"{type(exc).__name__}: {exc}")], src=0)
+            raise
+    dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise RankFailed(f"rank 0 failed: {value}")
+    return value
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing without a process group).
+
+    Examples:
+        >>> barrier()
+    """
+    if is_distributed():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group if one was joined.
+
+    Examples:
+        >>> shutdown()
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..distributed import RankFailed, is_main, launched_by_torchrun, on_main, rank_world, shutdown
 from . import ddp
 from .checkpoint import CheckpointError, checkpoint_path
 from .config import RunConfig
@@ -126,9 +127,9 @@ def run_comparison(base: RunConfig, methods: list[str], seeds: list[int], out: s
     """
     methods = validate_run(base, methods, seeds)
     plan = RunPlan(base, methods, seeds)
-    out = ddp.on_main(lambda: prepare(out, plan, resume))
-    main_rank = ddp.is_main()
-    results = Results(out, _header(base, seeds), world_size=ddp.rank_world()[1])
+    out = on_main(lambda: prepare(out, plan, resume))
+    main_rank = is_main()
+    results = Results(out, _header(base, seeds), world_size=rank_world()[1])
     for m in methods:
         for s in seeds:
             cfg = base.replace(method=m, seed=s)
@@ -160,7 +161,7 @@ def run_comparison(base: RunConfig, methods: list[str], seeds: list[int], out: s
 def _header(base: RunConfig, seeds: list[int]) -> str:
     device = str(resolve_device(base.device))
     test = f"first {base.test_subset} test images" if base.test_subset else "full test set"
-    world = ddp.rank_world()[1]
+    world = rank_world()[1]
     return (f"{base.dataset} ({'subset ' + str(base.train_subset) if base.train_subset else 'full'} train, "
             f"{test}), {base.model}, {base.epochs} epochs, {base.lr_schedule} LR, seeds {seeds}, "
             f"device {device}" + (f" x {world} processes (DDP)" if world > 1 else ""))
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan, out, resume = plan_from_args(args)
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if args.nproc > 1 and not ddp.launched_by_torchrun():
+        if args.nproc > 1 and not launched_by_torchrun():
             validate_run(plan.config, plan.methods, plan.seeds)  # fail here, not once per rank
             if resume:
                 check_resumable(out, plan)
@@ -241,10 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         progress = not args.no_progress and sys.stderr.isatty()
         run_comparison(plan.config, plan.methods, plan.seeds, out, progress=progress, resume=resume,
                        plots=not args.no_plots)
-    except (PreflightError, RunDirError, CheckpointError, ddp.RankFailed) as exc:
+    except (PreflightError, RunDirError, CheckpointError, RankFailed) as exc:
         return _fail(exc)
     finally:
-        ddp.shutdown()
+        shutdown()
     return 0
 
 

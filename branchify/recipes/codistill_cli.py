@@ -40,6 +40,7 @@ import torch
 from branchify.distributed.codistill import CodistillError, check_configs
 from branchify.distributed.codistill_transport import CollectiveTransport, FileTransport
 
+from ..distributed import barrier, launched_by_torchrun, on_main, shutdown
 from . import ddp
 from .checkpoint import CheckpointError, atomic_write_text
 from .codistill import GroupContext, fingerprint, models_of, options_of, train_group
@@ -117,7 +118,7 @@ def main(args: argparse.Namespace, argv: list[str], plan_from_args: Callable, fa
         plan, out, resume = plan_of(args, plan_from_args)
         options = options_of(plan.config)
         via = plan.config.method_args.get("via", "files")
-        if not ddp.launched_by_torchrun():
+        if not launched_by_torchrun():
             if args.nproc < options.groups or args.nproc % options.groups:
                 raise CodistillError(f"--nproc {args.nproc} must be a multiple of --codistill {options.groups} "
                                      f"(every group trains on --nproc / groups processes)")
@@ -170,7 +171,7 @@ def _worker(plan: RunPlan, out: Path, resume: bool, via: str, group: int | None,
             group = rank // (world // options.groups)
             check_configs(cfg.to_dict())
             if os.environ.get(READY) != "1":  # started by torchrun directly, not by the launcher
-                ddp.on_main(lambda: prepare(out, plan, resume, joining=False))
+                on_main(lambda: prepare(out, plan, resume, joining=False))
             dp = mesh["dp"].get_group()
             transport: Any = CollectiveTransport(group, mesh["group"].get_group(), dp,
                                                  per_rank=options.exchange == "logits")
@@ -182,7 +183,7 @@ def _worker(plan: RunPlan, out: Path, resume: bool, via: str, group: int | None,
             check_configs({**cfg.to_dict(), "group": group}, dp)
             if rank == 0 and os.environ.get(READY) != "1":
                 prepare(out, plan, resume, joining=True)
-            ddp.barrier()
+            barrier()
             per_rank = options.exchange == "logits"  # each rank's slice of the shared micro-batch
             transport = FileTransport(out / "exchange", group, options, writer=rank == 0 or per_rank,
                                       fingerprint=fingerprint(cfg), channel=rank if per_rank else 0)
@@ -202,7 +203,7 @@ def _worker(plan: RunPlan, out: Path, resume: bool, via: str, group: int | None,
     except (CodistillError, CheckpointError, RunDirError) as exc:
         return fail(exc)
     finally:
-        ddp.shutdown()
+        shutdown()
     return 0
 
 

@@ -17,7 +17,8 @@ so one step equals a single-process step on the whole batch (exactly, up to floa
 order, for models without batch statistics - BatchNorm in train mode normalises per slice; set
 ``freeze_bn=True`` for exact equality). ``--batch-size`` is the global batch. A last batch with
 fewer samples than ranks is skipped. Evaluation, checkpoints, logs and results happen on rank 0
-(metrics are broadcast to every rank); logged loss parts are averaged over ranks.
+(metrics are broadcast to every rank); logged loss parts are averaged over ranks. Rank, main
+rank, ``on_main`` and means over ranks are :mod:`branchify.distributed`'s helpers, as everywhere.
 
 Examples:
     >>> shard_batch(torch.arange(6), torch.arange(6), rank=1, world=2)[0]
@@ -27,20 +28,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from branchify.distributed import comm_device, init_from_env, is_distributed, launched_by_torchrun
-from branchify.errors import BranchifyError
-
-T = TypeVar("T")
-
-
-class RankFailed(BranchifyError, RuntimeError):
-    """Raised on the other ranks when rank 0 failed inside :func:`on_main` (its message included)."""
+from ..distributed import init_from_env, is_distributed, launched_by_torchrun
 
 
 def strip_nproc(argv: list[str]) -> list[str]:
@@ -106,18 +99,6 @@ def setup(device_name: str) -> tuple[int, int]:
     return init_from_env("nccl" if cuda else "gloo")
 
 
-def rank_world() -> tuple[int, int]:
-    """``(rank, world size)`` of the active process group, ``(0, 1)`` without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def is_main() -> bool:
-    """Whether this process writes files and prints (rank 0, or no process group)."""
-    return rank_world()[0] == 0
-
-
 def train_device(device: torch.device) -> torch.device:
     """The device this rank trains on: its own GPU (``LOCAL_RANK``) under nccl, else ``device``."""
     if is_distributed() and dist.get_backend() == "nccl":
@@ -153,62 +134,3 @@ def shard_batch(x: torch.Tensor, y: torch.Tensor, rank: int, world: int
         return None
     xs, ys = torch.tensor_split(x, world)[rank], torch.tensor_split(y, world)[rank]
     return xs, ys, world * len(ys) / n
-
-
-def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    """Average every value over the ranks (keys must agree); unchanged without a process group.
-
-    Examples:
-        >>> mean_over_ranks({"train_loss": 2.0})
-        {'train_loss': 2.0}
-    """
-    if not is_distributed() or not values:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=comm_device())
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
-
-
-def broadcast(obj: T) -> T:
-    """Rank 0's ``obj`` on every rank (``obj`` itself without a process group)."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def on_main(fn: Callable[[], T]) -> T:
-    """Run ``fn`` on rank 0 only and give every rank its result; if it raises, every rank raises.
-
-    Without a process group this is ``fn()``. Errors travel as ``(type name, message)`` and are
-    re-raised as :class:`RankFailed` on the other ranks, so no rank waits for a failed one.
-    """
-    if not is_distributed():
-        return fn()
-    outcome: list[Any] = [None]
-    if is_main():
-        try:
-            outcome = [("ok", fn())]
-        except Exception as exc:  # noqa: BLE001 - shipped to the other ranks, re-raised below
-            dist.broadcast_object_list([("error", f"{type(exc).__name__}: {exc}")], src=0)
-            raise
-    dist.broadcast_object_list(outcome, src=0)
-    kind, value = outcome[0]
-    if kind == "error":
-        raise RankFailed(f"rank 0 failed: {value}")
-    return value
-
-
-def barrier() -> None:
-    """Wait for every rank (nothing without a process group)."""
-    if is_distributed():
-        dist.barrier()
-
-
-def shutdown() -> None:
-    """Leave the process group if one was joined."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

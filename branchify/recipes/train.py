@@ -22,6 +22,7 @@ import branchify as bf
 from branchify.export import load_state_dict, read_info, save_deployed
 from branchify.metrics import peer_diversity
 
+from ..distributed import is_main, mean_over_ranks, on_main, rank_world
 from . import ddp
 from .checkpoint import CheckpointError, TrainState, load_checkpoint, restore, save_checkpoint
 from .config import RunConfig
@@ -135,10 +136,10 @@ def train(cfg: RunConfig, *, progress: bool = True, log: Callable[[dict], None] 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps))
     state = TrainState(model, opt, sched, okd)
     start, history, elapsed = _resume(cfg, state, checkpoint, resume, device)
-    if start and log is not None and ddp.is_main():
+    if start and log is not None and is_main():
         log({"event": "resume", "method": cfg.method, "model": cfg.model, "seed": cfg.seed, "from_epoch": start})
     net = ddp.wrap(model, device)
-    bar = _progress(cfg.epochs * steps, f"{cfg.method}/{cfg.model}/seed{cfg.seed}", progress and ddp.is_main())
+    bar = _progress(cfg.epochs * steps, f"{cfg.method}/{cfg.model}/seed{cfg.seed}", progress and is_main())
     bar.update(start * steps)
     metrics = next((h for h in reversed(history) if "target_acc" in h), None)
     t0 = time.perf_counter() - elapsed
@@ -148,21 +149,21 @@ def train(cfg: RunConfig, *, progress: bool = True, log: Callable[[dict], None] 
         record["elapsed_s"] = time.perf_counter() - t0
         evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
         if evaluated:
-            metrics = ddp.on_main(lambda: evaluate(model, test_loader, device, cfg.amp, target, cfg.test_subset))
+            metrics = on_main(lambda: evaluate(model, test_loader, device, cfg.amp, target, cfg.test_subset))
             _set_train(model, cfg.freeze_bn)
             record.update(metrics)
             bar.set_postfix(acc=f"{metrics['target_acc']:.2f}")
         history.append(record)
-        if log is not None and ddp.is_main():
+        if log is not None and is_main():
             log({"method": cfg.method, "model": cfg.model, "seed": cfg.seed, **record})
-        if evaluated and checkpoint is not None and ddp.is_main():
+        if evaluated and checkpoint is not None and is_main():
             save_checkpoint(checkpoint, cfg=cfg, state=state, epoch=epoch + 1, history=history,
                             train_seconds=time.perf_counter() - t0)
     train_seconds = time.perf_counter() - t0
     bar.close()
     deployed = deployable().eval()
     exported_path = None
-    if export_dir is not None and ddp.is_main():
+    if export_dir is not None and is_main():
         exported_path = str(save_exported(deployed, cfg, meta, export_dir))
     return RunResult(config=cfg.to_dict(), target_acc=metrics["target_acc"], ensemble_acc=metrics["ensemble_acc"],
                      leaf_accs=metrics["leaf_accs"], diversity=metrics["diversity"],
@@ -206,7 +207,7 @@ def _set_train(model: nn.Module, freeze_bn: bool) -> None:
 def _train_epoch(cfg: RunConfig, net: nn.Module, state: TrainState, loader, epoch: int, steps: int,
                  device: torch.device, bar) -> dict[str, Any]:
     """One epoch on this rank's slices of the batches; the epoch's log record (rank-averaged)."""
-    rank, world = ddp.rank_world()
+    rank, world = rank_world()
     okd, opt, sched = state.okd, state.optimizer, state.scheduler
     if okd is not None:
         okd.set_epoch(epoch, cfg.epochs)
@@ -235,7 +236,7 @@ def _train_epoch(cfg: RunConfig, net: nn.Module, state: TrainState, loader, epoc
             for k, v in zip(names, torch.stack([v.float().reshape(()).to(loss.device) for v in values]).tolist()):
                 sums[k] = sums.get(k, 0.0) + v
             seen += 1
-    means = ddp.mean_over_ranks({k: v / max(seen, 1) for k, v in sums.items()})
+    means = mean_over_ranks(sums, dict.fromkeys(sums, seen))
     record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": means.pop("train_loss", 0.0),
                               "lr": sched.get_last_lr()[0]}
     if means:
