@@ -97,7 +97,14 @@ class Built:
     mean, OKDPH its weight fusion)."""
 
     def traced_copy(self) -> TracedCopy | None:
-        """The traced copy ``branchify()`` can cut (``None``: it traces the model itself)."""
+        """The traced copy ``branchify()`` can cut (``None``: it traces the model itself).
+
+        Examples:
+            >>> from branchify.methods import get_preset, method_options
+            >>> built = get_preset("one").build(net, method_options("one"), None)  # doctest: +SKIP
+            >>> built.traced_copy() is built.default_split.traced                 # doctest: +SKIP
+            True
+        """
         if self.traced is not None:
             return self.traced
         return self.default_split.traced if self.default_split is not None else None

@@ -91,9 +91,16 @@ def register_method(preset: Preset, *, overwrite: bool = False) -> Preset:
     """Add a preset to the registry (``method(preset.name, ...)`` then builds it).
 
     Examples:
-        >>> one = get_preset("one")
-        >>> five = Preset("one5", "ONE, 5 leaves", {**one.defaults, "branches": 5}, one.build)  # doctest: +SKIP
-        >>> register_method(five)                                                            # doctest: +SKIP
+        >>> from dataclasses import dataclass
+        >>> from branchify.methods.one import ONEOptions
+        >>> @dataclass(frozen=True, kw_only=True)
+        ... class FiveOptions(ONEOptions):
+        ...     branches: int = 5
+        >>> five = Preset("one5", "ONE, 5 leaves", FiveOptions, get_preset("one").build)
+        >>> register_method(five)                                                   # doctest: +SKIP
+        >>> Preset("one5", "ONE, 5 leaves", {**get_preset("one").defaults, "branches": 5},
+        ...        get_preset("one").build).defaults["branches"]                  # a dict of defaults also works
+        5
     """
     key = _key(preset.name)
     if key in _REGISTRY and not overwrite:
