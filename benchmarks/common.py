@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -11,21 +9,12 @@ from typing import Callable
 
 import torch
 
+from branchify.recipes.rundir import machine
+
 
 def machine_info(device: torch.device) -> dict:
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info
+    """The machine a benchmark ran on (the package's one description, ``recipes.rundir.machine``)."""
+    return machine(device)
 
 
 def sync(device: torch.device) -> None:

@@ -46,8 +46,8 @@ from branchify.distributed import assign_peers, init_from_env
 from branchify.md import CollectiveExchange, LocalExchange, MDTrainer
 from branchify.schedules import IntervalSchedule
 
-from .cli import machine
 from .data import DATASETS, TensorLoader, load_cifar, load_fashion_mnist, stratified_subset
+from .rundir import machine
 from .zoo import build_model, count_parameters
 
 RUNS = ("independent", "md", "md_fixed")

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .progress import progress_bar
+
 
 @dataclass(frozen=True)
 class Regime:
@@ -196,7 +198,7 @@ def train_run(regime: Regime, make_trainee: Callable[[], Any], seed: int, *, met
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=regime.lr, total_steps=regime.epochs * steps,
                                                 pct_start=regime.pct_start)
     evals = {round(regime.epochs * (i + 1) / regime.eval_points) for i in range(regime.eval_points)}
-    bar = _bar(regime.epochs * steps, f"{implementation}/{method}/seed{seed}", progress)
+    bar = progress_bar(regime.epochs * steps, f"{implementation}/{method}/seed{seed}", progress)
     history, t0, train_s = [], time.perf_counter(), 0.0
     trainee.model.train()
     for epoch in range(regime.epochs):
@@ -224,18 +226,3 @@ def train_run(regime: Regime, make_trainee: Callable[[], Any], seed: int, *, met
             "wall_seconds": time.perf_counter() - t0,
             "trained_params": sum(p.numel() for p in params), "history": history,
             "regime_config": asdict(regime)}
-
-
-class _NoBar:
-    def update(self, n: int) -> None: ...
-    def set_postfix(self, **kw: Any) -> None: ...
-    def close(self) -> None: ...
-
-
-def _bar(total: int, desc: str, progress: Any):
-    if progress is False or progress is None:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    position = None if progress is True else int(progress)
-    return tqdm(total=total, desc=desc, position=position, leave=True, dynamic_ncols=True, mininterval=1.0)

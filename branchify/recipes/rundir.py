@@ -153,12 +153,25 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> dict[str, Any]:
-    """Python, torch, platform, CPU count and GPU name (for the results file)."""
-    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "cpu_count": os.cpu_count()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
+def machine(device: torch.device | None = None) -> dict[str, Any]:
+    """What ran a job, for its results file (the recipes' and every benchmark's): Python, torch,
+    platform, processor, CPU count, torch threads, and the GPU and CUDA version when it ran on
+    one - ``device`` when given (then also named), else whether CUDA is available at all.
+
+    Examples:
+        >>> sorted(machine(torch.device("cpu")))
+        ['cpu_count', 'device', 'platform', 'processor', 'python', 'torch', 'torch_threads']
+    """
+    info: dict[str, Any] = {
+        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device is not None:
+        info["device"] = str(device)
+    if (device.type == "cuda") if device is not None else torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
     return info
 
 

@@ -27,6 +27,7 @@ from . import ddp
 from .checkpoint import CheckpointError, TrainState, load_checkpoint, restore, save_checkpoint
 from .config import RunConfig
 from .data import fake_loaders, make_loaders
+from .progress import progress_bar
 from .zoo import build_model
 
 
@@ -139,7 +140,8 @@ def train(cfg: RunConfig, *, progress: bool = True, log: Callable[[dict], None] 
     if start and log is not None and is_main():
         log({"event": "resume", "method": cfg.method, "model": cfg.model, "seed": cfg.seed, "from_epoch": start})
     net = ddp.wrap(model, device)
-    bar = _progress(cfg.epochs * steps, f"{cfg.method}/{cfg.model}/seed{cfg.seed}", progress and is_main())
+    bar = progress_bar(cfg.epochs * steps, f"{cfg.method}/{cfg.model}/seed{cfg.seed}", progress and is_main(),
+                       leave=False, mininterval=0.1)
     bar.update(start * steps)
     metrics = next((h for h in reversed(history) if "target_acc" in h), None)
     t0 = time.perf_counter() - elapsed
@@ -262,17 +264,3 @@ def load_exported(directory: str | Path) -> nn.Module:
     net = build_model(info["model"], num_classes=info["num_classes"], in_channels=info["in_channels"])
     net.load_state_dict(load_state_dict(directory, info), strict=True)
     return net.eval()
-
-
-class _NoBar:
-    def update(self, n: int) -> None: ...
-    def set_postfix(self, **kw: Any) -> None: ...
-    def close(self) -> None: ...
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
