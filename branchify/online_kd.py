@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .contract import LeafModel, no_autocast
+from .contract import LeafModel
 from .functional import cross_entropy, kl_div_logits, kl_div_mixture, valid_mask
 from .outputs import (
     BranchedOutput,
@@ -21,6 +21,7 @@ from .outputs import (
 )
 from .schedules import Constant, Schedule, as_schedule
 from .token_chunks import check_token_chunk, chunked_terms, count_distinct, resolve_chunk
+from .utils import no_autocast
 from .validation import check_labels
 
 

@@ -104,15 +104,3 @@ def plugin_tracer(model: nn.Module) -> fx.Tracer | None:
     """The tracer ``model``'s plugin gives it, or ``None`` (plain torch.fx)."""
     plugin = plugin_for(model)
     return plugin.tracer(model) if plugin is not None and plugin.tracer is not None else None
-
-
-def plugin_model_fn(model: nn.Module) -> Callable[[], nn.Module] | None:
-    """A fresh-model factory from ``model``'s plugin, or ``None``."""
-    plugin = plugin_for(model)
-    return plugin.model_fn(model) if plugin is not None and plugin.model_fn is not None else None
-
-
-def plugin_init(model: nn.Module) -> str | None:
-    """The replica-init method ``model``'s plugin prefers, or ``None``."""
-    plugin = plugin_for(model)
-    return plugin.init if plugin is not None else None
