@@ -1,21 +1,24 @@
-"""A readable summary of a branched model: the tree, parameters and FLOPs per leaf."""
+"""A readable summary of a branched model: the tree, parameters and FLOPs per leaf.
+
+``model.py`` imports this module for :meth:`BranchedModel.describe`, so the model is typed
+``nn.Module`` here rather than imported back (no import cycle, not even a type-only one); every
+function reads a :class:`~branchify.model.BranchedModel`'s attributes (``segments``, ``spec``, ...).
+"""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .tree import TRUNK_KEY, TreePath, lineage, segment_key
 from .views import views_cost
 
-if TYPE_CHECKING:
-    from .model import BranchedModel
-
 
 @contextmanager
-def loop_only(model: "BranchedModel") -> Iterator[None]:
+def loop_only(model: nn.Module) -> Iterator[None]:
     """Run ``model`` one call per replica inside the block (per-segment FLOP counting needs it).
 
     Examples:
@@ -37,7 +40,7 @@ def _fmt(n: float) -> str:
     return f"{n:.0f}"
 
 
-def _example_inputs(model: "BranchedModel", example_inputs: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _example_inputs(model: nn.Module, example_inputs: tuple, kwargs: dict) -> tuple[tuple, dict]:
     if example_inputs or kwargs:
         return example_inputs, kwargs
     if model.example_inputs is None:
@@ -52,7 +55,7 @@ def _example_inputs(model: "BranchedModel", example_inputs: tuple, kwargs: dict)
     return args, {}
 
 
-def segment_flops(model: "BranchedModel", *example_inputs: Any, **kwargs: Any) -> dict[str, int]:
+def segment_flops(model: nn.Module, *example_inputs: Any, **kwargs: Any) -> dict[str, int]:
     """Forward FLOPs of every segment (``trunk``, ``b0``...), counted with torch's FlopCounter."""
     args, kwargs = _example_inputs(model, example_inputs, kwargs)
     was_training = model.training
@@ -72,7 +75,7 @@ def segment_flops(model: "BranchedModel", *example_inputs: Any, **kwargs: Any) -
     return out
 
 
-def describe(model: "BranchedModel", *example_inputs: Any, **kwargs: Any) -> str:
+def describe(model: nn.Module, *example_inputs: Any, **kwargs: Any) -> str:
     """The tree, then a table of parameters and forward FLOPs per leaf and in total.
 
     The leaf row counts the segments on its root-to-leaf path (what ``export(leaf)`` deploys).

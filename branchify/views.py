@@ -47,7 +47,7 @@ from .surgery.runner import TreeLayout, TreeResult, call_segment
 from .tree import TRUNK_KEY, lineage, segment_key
 
 if TYPE_CHECKING:
-    from .model import BranchedModel
+    from .contract import LeafModel
 
 ViewFn = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -187,7 +187,7 @@ def run_views(views: SharedViews, model: object, segments: nn.ModuleDict, layout
     return run_leafwise(segments, layout, [{**env, first: x} for x in xs])
 
 
-def views_cost(model: "BranchedModel", flops: dict[str, int]) -> tuple[int, int]:
+def views_cost(model: "LeafModel", flops: dict[str, int]) -> tuple[int, int]:
     """``(forward FLOPs with per-leaf views, without)`` from per-segment FLOPs (``describe``'s).
 
     Examples:

@@ -3,7 +3,12 @@
 Read from the source with ``ast`` (nothing is imported). "Core" is every module of ``branchify``
 except ``branchify.integrations`` (framework glue, found through entry points) and
 ``branchify.recipes`` (the training application built on the public API, like a user's script).
-Imports under ``if TYPE_CHECKING:`` only serve type checkers and are not counted.
+Imports inside functions count everywhere. Imports under ``if TYPE_CHECKING:`` count for import
+cycles (a type-only cycle is still two modules that cannot be read apart) but not for the
+core -> integration/framework rule (nothing is imported at run time).
+
+Every check is a function of a set of modules, and ``test_each_check_fails_on_a_package_that_breaks_it``
+runs each one on a small package written to break it, so a check that can no longer fail is caught.
 """
 from __future__ import annotations
 
@@ -20,8 +25,8 @@ MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80
 
 
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+def _module_name(path: Path, root: Path = ROOT) -> str:
+    parts = path.relative_to(root.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -31,15 +36,16 @@ def _is_type_checking(node: ast.If) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def _imports(path: Path) -> set[str]:
-    """Absolute names of every module ``path`` imports (at any depth, TYPE_CHECKING blocks aside)."""
-    module = _module_name(path)
+def _imports(path: Path, root: Path = ROOT, *, type_only: bool = False) -> set[str]:
+    """Absolute names of every module ``path`` imports (at any depth); imports under
+    ``if TYPE_CHECKING:`` only with ``type_only``."""
+    module = _module_name(path, root)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and _is_type_checking(child):
+            if isinstance(child, ast.If) and _is_type_checking(child) and not type_only:
                 for other in child.orelse:
                     visit(other)
                 continue
@@ -60,17 +66,22 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
-MODULES = {_module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+def _modules(root: Path) -> dict[str, Path]:
+    return {_module_name(p, root): p for p in sorted(root.rglob("*.py"))}
+
+
+MODULES = _modules(ROOT)
 CORE = {m: p for m, p in MODULES.items()
         if not m.startswith(("branchify.integrations", "branchify.recipes"))}
 
 
-def _graph() -> dict[str, set[str]]:
-    return {m: {t for t in _imports(p) if t in MODULES and t != m} for m, p in MODULES.items()}
+def _graph(modules: dict[str, Path], root: Path = ROOT) -> dict[str, set[str]]:
+    """Module -> the package modules it imports, type-only imports included."""
+    return {m: {t for t in _imports(p, root, type_only=True) if t in modules and t != m} for m, p in modules.items()}
 
 
-def test_no_import_cycle_among_branchify_modules():
-    graph = _graph()
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle ``[a, b, ..., a]`` of ``graph``, or ``None``."""
     state: dict[str, int] = {}  # 1 = on the current path, 2 = done
     path: list[str] = []
 
@@ -91,7 +102,15 @@ def test_no_import_cycle_among_branchify_modules():
     for m in sorted(graph):
         if m not in state:
             cycle = dfs(m)
-            assert cycle is None, "import cycle: " + " -> ".join(cycle)
+            if cycle:
+                return cycle
+    return None
+
+
+def test_no_import_cycle_among_branchify_modules():
+    # Type-only imports included: describe.py and views.py type the model without importing model.py back.
+    cycle = _find_cycle(_graph(MODULES))
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
 @pytest.mark.parametrize("module", sorted(CORE))
@@ -145,22 +164,26 @@ def _tracked_text_files() -> list[Path]:
     return [repo / name for name in listed.stdout.split("\0") if name.endswith(TEXT_SUFFIXES)]
 
 
+def _outside_references(files: list[Path], repo: Path) -> list[str]:
+    return [f"{p.relative_to(repo).as_posix()}: {needle}" for p in files if p.is_file()
+            for needle in OUTSIDE_DOCUMENTS if needle in p.read_text(errors="replace")]
+
+
 def test_no_reference_to_documents_outside_the_repository():
     files = _tracked_text_files()
     assert any(p.name == "README.md" for p in files), "found no tracked text file: wrong repository root?"
-    bad = [f"{p.relative_to(ROOT.parent)}: {needle}" for p in files if p.is_file()
-           for needle in OUTSIDE_DOCUMENTS if needle in p.read_text(errors="replace")]
+    bad = _outside_references(files, ROOT.parent)
     assert not bad, f"formulas and sources belong inside the repository (docs/methods/), found: {bad}"
 
 
-def _exception_classes() -> dict[str, tuple[str, list[str]]]:
+def _exception_classes(modules: dict[str, Path]) -> dict[str, tuple[str, list[str]]]:
     """Every class the package defines whose bases (transitively, by name) include a builtin
     exception: ``{name: (module, base names)}``."""
     import builtins
 
     builtin_errors = {n for n, v in vars(builtins).items() if isinstance(v, type) and issubclass(v, BaseException)}
     classes: dict[str, tuple[str, list[str]]] = {}
-    for module, path in MODULES.items():
+    for module, path in modules.items():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ClassDef):
                 bases = [b.attr if isinstance(b, ast.Attribute) else getattr(b, "id", "") for b in node.bases]
@@ -176,16 +199,21 @@ def _exception_classes() -> dict[str, tuple[str, list[str]]]:
     return {n: classes[n] for n in errors if n in classes}
 
 
-def test_every_exception_derives_from_branchify_error():
-    found = _exception_classes()
-    assert {"SpecError", "TraceError", "MethodError", "RankFailed", "HFTracerError"} <= set(found), sorted(found)
+def _errors_outside_the_base(modules: dict[str, Path]) -> list[str]:
+    found = _exception_classes(modules)
 
     def derives(name: str) -> bool:
         if name == "BranchifyError":
             return True
         return name in found and any(derives(b) for b in found[name][1])
 
-    bad = [f"{module}.{name}" for name, (module, _) in found.items() if not derives(name)]
+    return [f"{module}.{name}" for name, (module, _) in found.items() if not derives(name)]
+
+
+def test_every_exception_derives_from_branchify_error():
+    found = _exception_classes(MODULES)
+    assert {"SpecError", "TraceError", "MethodError", "RankFailed", "HFTracerError"} <= set(found), sorted(found)
+    bad = _errors_outside_the_base(MODULES)
     assert not bad, f"exceptions that do not derive from branchify.errors.BranchifyError: {bad}"
 
 
@@ -210,10 +238,14 @@ def _all_names(path: Path) -> list[str]:
     return names
 
 
+def _private_names_in_all(modules: dict[str, Path]) -> list[str]:
+    return [f"{module}: {name}" for module, path in modules.items() for name in _all_names(path)
+            if name.startswith("_")]
+
+
 def test_no_private_name_in_any_all():
-    exported = {module: _all_names(path) for module, path in MODULES.items()}
-    assert sum(map(len, exported.values())) > 50, "found almost no __all__: is the parser broken?"
-    bad = [f"{module}: {name}" for module, names in exported.items() for name in names if name.startswith("_")]
+    assert sum(len(_all_names(p)) for p in MODULES.values()) > 50, "found almost no __all__: is the parser broken?"
+    bad = _private_names_in_all(MODULES)
     assert not bad, f"private names in __all__ (rename them public or drop them): {bad}"
 
 
@@ -229,12 +261,41 @@ def test_integrations_import_no_core_private_name():
     assert not bad, f"integrations importing core private names (give them a public home): {bad}"
 
 
+def _benchmark_drivers(modules: dict[str, Path]) -> list[str]:
+    return [m for m in modules if "benchmark" in m]
+
+
 def test_no_benchmark_driver_in_the_package():
     # Benchmark drivers are applications of the package (they live in benchmarks/ at the repository
     # root and may import branchify); the wheel ships none of them.
-    drivers = [m for m in MODULES if "benchmark" in m]
     assert len(MODULES) > 20, "found almost no modules: wrong package root?"
+    drivers = _benchmark_drivers(MODULES)
     assert not drivers, f"benchmark drivers inside the package (move them to benchmarks/): {drivers}"
+
+
+def test_each_check_fails_on_a_package_that_breaks_it(tmp_path):
+    root = tmp_path / "pkg"
+    sources = {
+        "__init__.py": '__all__ = ["_hidden", "shown"]\n',
+        "a.py": "from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    from .b import B\n",  # type-only
+        "b.py": "from .a import A\n",
+        "errors.py": ("class BranchifyError(Exception): ...\nclass GoodError(BranchifyError, ValueError): ...\n"
+                      "class LoneError(ValueError): ...\n"),
+        "tools/__init__.py": "",
+        "tools/benchmark_speed.py": "",
+        "README.md": f"The formulas are in {OUTSIDE_DOCUMENTS[0]}.\n",
+    }
+    for name, text in sources.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    modules = _modules(root)
+    assert _find_cycle(_graph(modules, root)) == ["pkg.a", "pkg.b", "pkg.a"]
+    run_time = {m: {t for t in _imports(p, root) if t in modules and t != m} for m, p in modules.items()}
+    assert _find_cycle(run_time) is None  # the cycle above runs through the type-only import alone
+    assert _private_names_in_all(modules) == ["pkg: _hidden"]
+    assert _errors_outside_the_base(modules) == ["pkg.errors.LoneError"]
+    assert _benchmark_drivers(modules) == ["pkg.tools.benchmark_speed"]
+    assert _outside_references(sorted(root.rglob("*.md")), tmp_path) == [f"pkg/README.md: {OUTSIDE_DOCUMENTS[0]}"]
 
 
 TREE_HOME = "branchify.tree"  # the tree vocabulary: node paths, segment keys, the child-0 rule
