@@ -7,7 +7,6 @@ the ensemble of all leaves, every leaf, and the peers' diversity.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from branchify.export import load_state_dict, read_info, save_deployed
 from branchify.metrics import peer_diversity
 
 from ..distributed import is_main, mean_over_ranks, on_main, rank_world
+from ..utils import autocast
 from . import ddp
 from .checkpoint import CheckpointError, TrainState, load_checkpoint, restore, save_checkpoint
 from .config import RunConfig
@@ -85,7 +85,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: bool, target: 
         if limit is not None and n >= limit:
             break
         x, y = (x, y) if limit is None else (x[: limit - n], y[: limit - n])  # exactly the first `limit` images
-        with _autocast(device, amp):
+        with autocast(device, torch.bfloat16 if amp else None):
             out = model(x)
         logits = [z.float() for z in (out.logits if isinstance(out, bf.BranchedOutput) else [out])]
         hits = torch.stack([(z.argmax(-1) == y).sum() for z in logits])
@@ -99,12 +99,6 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: bool, target: 
     model.train()
     return {"leaf_accs": leaf, "target_acc": leaf[target], "ensemble_acc": ens_correct / n * 100,
             "diversity": div_sum / n}
-
-
-def _autocast(device: torch.device, amp: bool):
-    if amp:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def train(cfg: RunConfig, *, progress: bool = True, log: Callable[[dict], None] | None = None,
@@ -224,7 +218,7 @@ def _train_epoch(cfg: RunConfig, net: nn.Module, state: TrainState, loader, epoc
         if part is None:
             continue
         xs, ys, scale = part
-        with _autocast(device, cfg.amp):
+        with autocast(device, torch.bfloat16 if cfg.amp else None):
             out = net(xs)
         result = okd(out, ys) if okd is not None else None
         loss = result.total if result is not None else F.cross_entropy(out.float(), ys)
