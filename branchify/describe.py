@@ -98,6 +98,8 @@ def describe(model: nn.Module, *example_inputs: Any, **kwargs: Any) -> str:
     for key, d in (getattr(model, "deepened", None) or {}).items():
         lines.append(f"deepened: copies of {d['block']} ({d['class']}) go right after it (deepen key {key!r}: "
                      f"{spec.deepen[key]} per leaf); they start as {d['start']}")
+        if d.get("note"):
+            lines.append(f"  (fallback: {d['note']})")
     if getattr(model, "unfrozen", None):
         lines.append(f"frozen in the original, trainable in these re-initialised replicas: {model.unfrozen}")
     if getattr(model, "tied", None):

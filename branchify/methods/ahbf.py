@@ -7,6 +7,12 @@ The block is chosen from a forward of the model on a synthesised input
 starts last - the last block of a ResNet's ``layer4`` (the key is then its container, as the
 paper deepens the last stage), of a Swin / ConvNeXt last stage, the last transformer layer, a
 MobileNet's last inverted residual with a skip (copies go before the closing 1x1 conv).
+Where no such block exists the rule falls back, says so in ``describe()`` and warns once: with
+the default split the cut moves back to the last residual block (a RegNet whose last stage is
+one downsampling block); else fresh copies (``deepen_init="standard"``, as the authors' code
+builds its deeper branches) of the shape-preserving unit after the cut that ends last - a VGG's
+convolution + BatchNorm + ReLU, SqueezeNet's last Fire module, GoogLeNet's ``inception5a``, a
+Swin V2 block - or, with the default split, before it (ShuffleNet's last stride-1 block).
 ``deepen_container`` names the container (or block) instead; ``deepen`` gives the whole mapping;
 ``aux=0`` deepens nothing. ``aux="auto"`` applies the paper's two settings by the body's number
 of stages (distinct block output shapes in that forward): its ImageNet ResNets have four stages
@@ -35,6 +41,8 @@ The formula, defaults, reference code (file and line) and paper-vs-code choices 
 """
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +51,7 @@ from torch import nn
 from ..aggregators import HierarchicalTA
 from ..schedules import Schedule
 from ..spec import Spec, SpecError
-from ..surgery.deepen_pick import pick_block
+from ..surgery.deepen_pick import DeepenPick, pick_block
 from ..surgery.default_split import DefaultSplits, default_splits
 from .common import as_splits, branches, loss_kwargs
 from .options import Built, CommonOptions
@@ -84,37 +92,68 @@ def _body(model: nn.Module, chosen: DefaultSplits | None, tracer: Any) -> Defaul
         return None
 
 
-def _deepen(model: nn.Module, splits: list[str], k: int, o: AHBFOptions, tracer: Any,
-            chosen: DefaultSplits | None) -> tuple[dict[str, list[int]], DefaultSplits | None]:
-    """``{deepen key: [0, a, 2a, ...]}`` by the rule in the module docstring, and the default split
-    rule's reading of the model when it was needed (its traced copy is what branchify() then cuts)."""
+def _deepen(model: nn.Module, splits: list[str], k: int, o: AHBFOptions, tracer: Any, chosen: DefaultSplits | None
+            ) -> tuple[dict[str, list[int]], DefaultSplits | None, DeepenPick | None]:
+    """``{deepen key: [0, a, 2a, ...]}`` by the rule in the module docstring, the default split
+    rule's reading of the model when it was needed (its traced copy is what branchify() then cuts),
+    and the automatic pick (``None`` when nothing was picked)."""
     a = o.aux
     if a != "auto" and (isinstance(a, bool) or not isinstance(a, int)):
         raise MethodError(f"aux={a!r} must be an int (extra blocks per leaf step) or 'auto'")
     if a == 0:
-        return {}, chosen
+        return {}, chosen, None
     key = o.deepen_container
     if key is None or a == "auto":
         body = _body(model, chosen, tracer)
         try:
-            pick = pick_block(model, splits[-1], body.blocks if body else [], tracer, o.deepen_init, key)
+            pick = pick_block(model, splits[-1], body.blocks if body else [], tracer, o.deepen_init, key,
+                              movable=o.split is None)
         except SpecError as exc:
             raise MethodError(str(exc)) from None
         except ValueError as exc:
             raise MethodError(f"AHBF could not find the block to deepen: {exc}. Name it with deepen_container="
                               f"<a container of blocks, or a block inside one> and aux=<int>") from None
         a = (2 if pick.stages >= 4 else 4) if a == "auto" else a
-        return {pick.key: [a * m for m in range(k)]}, body
-    return {key: [a * m for m in range(k)]}, chosen
+        return {pick.key: [a * m for m in range(k)]}, body, pick
+    return {key: [a * m for m in range(k)]}, chosen, None
+
+
+_WARNED: set[tuple[str, str]] = set()
+"""(model class, fallback) pairs already warned about: each fallback warns once per process."""
+
+
+def _fall_back(model: nn.Module, pick: DeepenPick) -> None:
+    """Warn (once per model class and fallback) that the rule left its first choice, and how to choose."""
+    if (type(model).__name__, pick.fallback) not in _WARNED:
+        _WARNED.add((type(model).__name__, pick.fallback))
+        warnings.warn(f"AHBF on {type(model).__name__}: {pick.fallback}", UserWarning, stacklevel=5)
+
+
+def _noted(key: str, note: str):
+    """A setup step: ``describe()`` prints the fallback's note under the deepened block."""
+    def setup(bm: Any) -> None:
+        bm.deepened[key]["note"] = note
+    return setup
 
 
 def build(model: Any, o: AHBFOptions, tracer: Any = None) -> Built:
     k = branches(o, 2)
     splits, chosen = as_splits(o, 1, model, tracer)
-    deepen, read = (o.deepen, chosen) if o.deepen is not None else _deepen(model, splits, k, o, tracer, chosen)
-    spec = Spec(splits=splits, fanout=[k], target=o.target, init=o.init, deepen=deepen, deepen_init=o.deepen_init)
+    deepen, read, pick = (o.deepen, chosen, None) if o.deepen is not None else _deepen(model, splits, k, o, tracer,
+                                                                                      chosen)
+    deepen_init, setup = o.deepen_init, ()
+    if pick is not None and pick.fallback:
+        _fall_back(model, pick)
+        deepen_init, setup = pick.init, (_noted(pick.key, pick.fallback),)
+        if pick.split is not None:
+            splits = [pick.split]
+            if chosen is not None:
+                chosen = dataclasses.replace(chosen, splits=splits, reason=f"{chosen.reason}; AHBF moved it to "
+                                             f"{pick.split}, the last block it can deepen")
+    spec = Spec(splits=splits, fanout=[k], target=o.target, init=o.init, deepen=deepen, deepen_init=deepen_init)
     aggregator = HierarchicalTA(lambdas=tuple(o.lambdas), own_ta=o.own_ta)
-    return Built(spec, aggregator, loss_kwargs(o), chosen, traced=read.traced if read is not None else None)
+    return Built(spec, aggregator, loss_kwargs(o), chosen, traced=read.traced if read is not None else None,
+                 setup=setup)
 
 
 PRESET = register_method(Preset("ahbf", "AHBF-OKD: 4 leaves deepened by 0, a, 2a, 3a blocks, hierarchical TAs",

@@ -8,10 +8,19 @@ freshly initialised deep net from fading - without gradients) on a synthesised i
 - every required placeholder of the traced graph gets a tensor for the first layer that reads it:
   token ids (``randint`` below the vocabulary) for an ``nn.Embedding``, an image of the model's
   declared size for an ``nn.ConvNd`` (an ``image_size`` / ``img_size`` attribute, a Hugging Face
-  ``config.image_size``, timm's ``pretrained_cfg["input_size"]``; without one, 64 pixels and then
-  224), a ``(2, in_features)`` matrix for an ``nn.Linear``;
+  ``config.image_size``, timm's ``pretrained_cfg["input_size"]``), then 64, 224 and 299 pixels
+  (the next size is tried when a forward fails: a timm model made with another ``img_size`` than
+  its ``pretrained_cfg`` says; Inception v3's training-mode aux head needs 299), a
+  ``(2, in_features)`` matrix for an ``nn.Linear``. A signal read by an ``nn.Conv1d`` is as long
+  as the model's config declares (``max_source_positions`` frames times the convolutions'
+  strides: Whisper checks it), else as the image sizes; one read by a single-channel
+  ``nn.Conv1d`` (raw audio: wav2vec2, HuBERT and WavLM add the channel themselves) is tried as
+  ``(2, length)`` too, and as one second at 16 kHz;
 - forward pre-hooks and hooks (with keyword arguments) record, for each chosen module, the
   arguments it was called with, what it returned, and when it started and ended in the forward.
+
+Training mode would let LayerDrop skip whole layers at random (wav2vec2, BART: a ``layerdrop``
+probability on the config or the encoder), so the copy runs with every ``layerdrop`` at 0.
 
 Examples:
     >>> calls = record_calls(torchvision.models.resnet18(), paths=["layer4.1"])   # doctest: +SKIP
@@ -91,19 +100,39 @@ def first_tensor(value: Any) -> torch.Tensor | None:
 
 
 def _declared_size(model: nn.Module) -> list[int]:
-    """Image sizes to try: the model's declared one, else 64 then 224."""
+    """Image sizes to try: the model's declared one first (timm's ``pretrained_cfg`` keeps 224 when
+    the model was made with another ``img_size``, so the others follow), then 64, 224 and 299."""
+    declared = None
     for m in model.modules():
         for attr in ("image_size", "img_size"):
             v = getattr(m, attr, None)
-            if isinstance(v, int) or (isinstance(v, (tuple, list)) and v and isinstance(v[0], int)):
-                return [int(v if isinstance(v, int) else v[0])]
+            if declared is None and (isinstance(v, int) or (isinstance(v, (tuple, list)) and v
+                                                            and isinstance(v[0], int))):
+                declared = int(v if isinstance(v, int) else v[0])
     size = getattr(getattr(model, "config", None), "image_size", None)
-    if isinstance(size, int) or (isinstance(size, (tuple, list)) and size):
-        return [int(size if isinstance(size, int) else size[0])]
+    if declared is None and (isinstance(size, int) or (isinstance(size, (tuple, list)) and size)):
+        declared = int(size if isinstance(size, int) else size[0])
     cfg = getattr(model, "pretrained_cfg", None)
-    if isinstance(cfg, dict) and isinstance(cfg.get("input_size"), (tuple, list)):
-        return [int(cfg["input_size"][-1])]
-    return [64, 224]
+    if declared is None and isinstance(cfg, dict) and isinstance(cfg.get("input_size"), (tuple, list)):
+        declared = int(cfg["input_size"][-1])
+    return list(dict.fromkeys(([declared] if declared is not None else []) + [64, 224, 299]))
+
+
+def _declared_length(model: nn.Module) -> int | None:
+    """The signal length the config declares: ``max_source_positions`` times the Conv1d strides."""
+    frames = getattr(getattr(model, "config", None), "max_source_positions", None)
+    if not isinstance(frames, int):
+        return None
+    for m in model.modules():
+        if isinstance(m, nn.Conv1d):
+            frames *= m.stride[0]
+    return frames
+
+
+def _mono_signal(gm: fx.GraphModule) -> bool:
+    """Whether some required input is first read by a single-channel ``nn.Conv1d`` (raw audio)."""
+    return any(isinstance(layer := _first_layer(gm, n), nn.Conv1d) and layer.in_channels == 1
+               for n in gm.graph.nodes if n.op == "placeholder" and not n.args)
 
 
 def _first_layer(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -122,8 +151,9 @@ def _first_layer(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return None
 
 
-def example_inputs(gm: fx.GraphModule, model: nn.Module, size: int) -> dict[str, torch.Tensor]:
-    """Keyword inputs for ``model``: one tensor per required placeholder of its traced graph.
+def example_inputs(gm: fx.GraphModule, model: nn.Module, size: int, flat: bool = False) -> dict[str, torch.Tensor]:
+    """Keyword inputs for ``model``: one tensor per required placeholder of its traced graph
+    (``flat``: a single-channel signal as ``(2, length)``).
 
     Examples:
         >>> {k: v.shape for k, v in example_inputs(trace(net), net, 64).items()}   # doctest: +SKIP
@@ -139,7 +169,11 @@ def example_inputs(gm: fx.GraphModule, model: nn.Module, size: int) -> dict[str,
         layer = _first_layer(gm, node)
         if isinstance(layer, nn.Embedding):
             x = torch.randint(0, layer.num_embeddings, (2, _SEQ), generator=g)
-        elif isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        elif isinstance(layer, nn.Conv1d):
+            length = _declared_length(model) or size
+            shape = (2, length) if flat and layer.in_channels == 1 else (2, layer.in_channels, length)
+            x = torch.randn(*shape, generator=g).to(dtype)
+        elif isinstance(layer, (nn.Conv2d, nn.Conv3d)):
             x = torch.randn(2, layer.in_channels, *[size] * (layer.weight.dim() - 2), generator=g).to(dtype)
         elif isinstance(layer, nn.Linear):
             x = torch.randn(2, layer.in_features, generator=g).to(dtype)
@@ -147,6 +181,15 @@ def example_inputs(gm: fx.GraphModule, model: nn.Module, size: int) -> dict[str,
             raise ValueError(f"no layer reads input {node.name!r} that says what it expects")
         out[str(node.target)] = x.to(device)
     return out
+
+
+def _every_layer_runs(work: nn.Module) -> None:
+    """Set every LayerDrop probability of ``work`` (a copy) to 0: its config's and its modules' own."""
+    configs = {id(c): c for m in work.modules() if (c := getattr(m, "config", None)) is not None}
+    for owner in [*configs.values(), *work.modules()]:
+        for name in [n for n in vars(owner) if n.endswith("layerdrop")]:
+            if isinstance(getattr(owner, name), float) and getattr(owner, name) > 0:
+                setattr(owner, name, 0.0)
 
 
 def _cloned(value: Any) -> Any:
@@ -186,17 +229,19 @@ def record_calls(model: nn.Module, paths: Iterable[str] | None = None, tracer: f
         ValueError: no input could be made for the model, or it failed on every size tried.
     """
     work = copy.deepcopy(model).train()  # batch statistics keep a fresh deep net's activations O(1)
+    _every_layer_runs(work)
     if any(p.is_meta for p in work.parameters()):
         raise ValueError("the model is on the meta device, so it cannot be run")
     gm = trace(copy.deepcopy(work), tracer)
     paths = [p for p, _ in work.named_modules() if p] if paths is None else list(dict.fromkeys(paths))
     error: Exception | None = None
-    for size in _declared_size(work):
+    sizes = _declared_size(work)
+    for size, flat in [(s, False) for s in sizes] + ([(s, True) for s in sizes + [16000]] if _mono_signal(gm) else []):
         calls = Calls()
         calls.traced = frozenset(list_split_points(gm))
         handles = _hooks(work, paths, calls, [0])
         try:
-            inputs = example_inputs(gm, work, size)
+            inputs = example_inputs(gm, work, size, flat)
             if "use_cache" in inspect.signature(work.forward).parameters:
                 inputs["use_cache"] = False  # a cache the layers would write into is no input
             with torch.no_grad():

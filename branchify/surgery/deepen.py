@@ -7,6 +7,14 @@ MobileNet's ``features``) move back by as many places. Copies are named as the e
 numbered containers renumber (``features.12`` is the first copy, the old ``features.12`` becomes
 ``features.13``); a container with named children gets the copies as ``str(len)``, ``str(len + 1)``.
 
+Two more forms: a **run** ``"features[25:28]"`` - children 25, 26, 27 of an ``nn.Sequential``
+(a VGG's convolution, its BatchNorm and ReLU) - is copied as one ``nn.Sequential`` placed after
+the run's last child; a **block whose parent is no container** (GoogLeNet's ``inception5a``),
+called with one tensor, becomes ``nn.Sequential(block, copy, ...)`` (``inception5a.0`` is the
+original, ``inception5a.1`` the first copy). A key ending in ``@transition`` copies a block that
+only changes its map's channels, each copy after a fresh transition back to its input width
+(:mod:`branchify.surgery.deepen_target`).
+
 Facts about the blocks come from one real forward of the model on a synthesised input
 (:func:`~branchify.surgery.block_calls.record_calls`): a block can be copied when its main output
 has its main input's shape; a copy that should start as the identity is checked on the arguments
@@ -18,7 +26,6 @@ from __future__ import annotations
 import copy
 import operator
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -26,66 +33,9 @@ from torch import nn
 
 from ..spec import SpecError
 from .block_calls import Call, record_calls
+from .deepen_target import Target, call_of, not_a_block, one_tensor_call, resolve_target, width_change
 from .identity import identity_init, identity_init_how, probe_shape  # noqa: F401  (identity_init re-exported)
 from .tracing import node_module_paths
-
-_CONTAINERS = (nn.Sequential, nn.ModuleList)
-
-
-@dataclass
-class Target:
-    """Where one deepen key puts its copies: after child ``name`` (position ``index``) of ``container``."""
-
-    key: str
-    container: str
-    index: int
-    names: list[str]
-    call: Call | None = None
-    block_type: str = ""
-    how: str = ""
-
-    def report(self) -> dict[str, str]:
-        """What ``describe()`` says: the block copied, its class, and how its copies start."""
-        return {"block": self.block, "class": self.block_type, "start": self.how}
-
-    @property
-    def block(self) -> str:
-        """Path of the block that is copied."""
-        return f"{self.container}.{self.names[self.index]}" if self.container else self.names[self.index]
-
-    def copy_names(self, count: int) -> tuple[list[str], dict[str, str]]:
-        """``(names of the copies, renames of the later children)`` for ``count`` copies."""
-        n = len(self.names)
-        if self.names == [str(i) for i in range(n)]:
-            return ([str(self.index + 1 + j) for j in range(count)],
-                    {str(k): str(k + count) for k in range(self.index + 1, n)})
-        return [str(n + j) for j in range(count)], {}
-
-
-def resolve_target(model: nn.Module, key: str) -> Target:
-    """The :class:`Target` a deepen key names (see the module docstring).
-
-    Examples:
-        >>> resolve_target(torchvision.models.resnet18(), "layer4").block      # doctest: +SKIP
-        'layer4.1'
-    """
-    try:
-        module = model.get_submodule(key)
-    except AttributeError:
-        raise SpecError(f"deepen names {key!r}, which is not a submodule of {type(model).__name__}") from None
-    if isinstance(module, _CONTAINERS):
-        if len(module) == 0:
-            raise SpecError(f"deepen on {key!r}: the container is empty")
-        names = list(module._modules)
-        return Target(key, key, len(names) - 1, names, block_type=type(module[-1]).__name__)
-    container, _, name = key.rpartition(".")
-    parent = model.get_submodule(container) if container else model
-    if not isinstance(parent, _CONTAINERS):
-        raise SpecError(f"deepen needs a container of blocks (nn.Sequential / nn.ModuleList) or a block inside "
-                        f"one; {key!r} is a {type(module).__name__} inside a {type(parent).__name__}. Name the "
-                        f"stage that holds the blocks (e.g. 'layer4') or one of its blocks")
-    names = list(parent._modules)
-    return Target(key, container, names.index(name), names, block_type=type(module).__name__)
 
 
 def prepare_deepen(model: nn.Module, deepen: dict[str, list[int]], tracer: fx.Tracer | None = None
@@ -102,14 +52,22 @@ def prepare_deepen(model: nn.Module, deepen: dict[str, list[int]], tracer: fx.Tr
         return targets
     removed = [f"{t.container}.{name}" for key, t in targets.items() if min(deepen[key]) < 0 for name in t.names]
     try:
-        calls = record_calls(model, [t.block for t in targets.values()] + removed, tracer)
+        calls = record_calls(model, [p for t in targets.values() for p in t.members] + removed, tracer)
     except (ValueError, RuntimeError):  # cannot run the model: probe shapes from the first layers
         calls = {}
     for key, extra in deepen.items():
         t = targets[key]
-        t.call = calls.get(t.block)
-        if any(e > 0 for e in extra) and not _keeps_shape(model, t.block, t.call):
-            raise SpecError(f"deepen on {key!r}: its block {t.block} ({type(model.get_submodule(t.block)).__name__}) "
+        t.call = call_of(calls, t)
+        if t.transition:
+            t.widths = (width_change(t.call) if one_tensor_call(t.call) else None) if t.call is not None else \
+                _probed_widths(model.get_submodule(t.block))
+            keeps = t.widths is not None
+        else:
+            keeps = t.call.keeps_shape() if t.call is not None else _keeps_shape(t.copy_of(model), None)
+        if t.wrap and not (one_tensor_call(t.call) and keeps):
+            raise not_a_block(model, t)
+        if any(e > 0 for e in extra) and not keeps:
+            raise SpecError(f"deepen on {key!r}: its block {t.block} ({t.block_type}) "
                             f"does not keep the shape of its input{_shapes(t.call)}, so copies of it "
                             f"cannot follow it. Choose a "
                             f"shape-preserving block (a ResNet stage's last block, a transformer layer)")
@@ -120,7 +78,8 @@ def prepare_deepen(model: nn.Module, deepen: dict[str, list[int]], tracer: fx.Tr
             raise SpecError(f"deepen on {key!r} removes {most_removed} blocks but it has only {len(t.names)}; "
                             f"at least one must remain")
         for i in range(len(t.names) - most_removed, len(t.names)):
-            if not _keeps_shape(model, f"{key}.{t.names[i]}", calls.get(f"{key}.{t.names[i]}")):
+            path = f"{key}.{t.names[i]}"
+            if not _keeps_shape(model.get_submodule(path), calls.get(path)):
                 raise SpecError(f"deepen on {key!r}: block {i} is not shape-preserving, so it cannot be removed")
     return targets
 
@@ -131,10 +90,22 @@ def _shapes(call: Call | None) -> str:
     return f" ({tuple(call.hidden_in.shape)} -> {tuple(call.hidden_out.shape)} in a traced forward)"
 
 
-def _keeps_shape(model: nn.Module, path: str, call: Call | None) -> bool:
+def _probed_widths(block: nn.Module) -> tuple[int, int] | None:
+    """``(output, input)`` channels of ``block`` run on the meta device on its first layer's input shape."""
+    shape = probe_shape(block)
+    if shape is None:
+        return None
+    try:
+        with torch.no_grad():
+            out = copy.deepcopy(block).to("meta").eval()(torch.empty(shape, device="meta"))
+    except Exception:  # the block does not accept its own first layer's input shape
+        return None
+    return (int(out.shape[1]), shape[1]) if isinstance(out, torch.Tensor) and out.dim() == len(shape) else None
+
+
+def _keeps_shape(block: nn.Module, call: Call | None) -> bool:
     if call is not None:
         return call.keeps_shape()
-    block = model.get_submodule(path)
     shape = probe_shape(block)
     if shape is None:
         return False
@@ -156,8 +127,9 @@ def make_copies(work: nn.Module, t: Target, count: int, reinit, deepen_init: str
     """
     copies = []
     for _ in range(count):
-        blk = copy.deepcopy(work.get_submodule(t.block))
-        reinit(blk, t.block + ".")
+        blk = t.copy_of(work)
+        for k, path in enumerate(t.members):
+            reinit(blk.get_submodule(t.part(k)[1:]), path + ".")
         how = "the architecture's own init" if deepen_init != "identity" else identity_init_how(blk, t.call)
         if how is None:
             unchecked = '' if t.call is not None else '; the model could not be run on a synthesised input to check'
@@ -179,7 +151,7 @@ def deepen_graph(level: fx.GraphModule, t: Target, new_blocks: list[nn.Module], 
         >>> deepen_graph(replica, target, make_copies(work, target, 2, reinit, "identity"), 0)   # doctest: +SKIP
     """
     graph = level.graph
-    inside = _nodes_of(graph, t.block)
+    inside = _nodes_of(graph, t.members)
     if not inside:
         raise SpecError(f"deepen on {t.key!r}: {t.block} does not run after the last split; deepening "
                         f"applies to a block that every leaf replicates")
@@ -188,7 +160,7 @@ def deepen_graph(level: fx.GraphModule, t: Target, new_blocks: list[nn.Module], 
     if remove:
         last = [n for n in graph.nodes if t.container in node_module_paths(n)][-1]
         keep = f"{t.container}.{t.names[len(t.names) - remove - 1]}"
-        last.replace_all_uses_with(_nodes_of(graph, keep)[-1])
+        last.replace_all_uses_with(_nodes_of(graph, [keep])[-1])
         graph.eliminate_dead_code()
         level.delete_all_unused_submodules()
     graph.lint()
@@ -199,9 +171,10 @@ def _under(target: object, path: str) -> bool:
     return isinstance(target, str) and (target == path or target.startswith(path + "."))
 
 
-def _nodes_of(graph: fx.Graph, path: str) -> list[fx.Node]:
-    """The nodes that run inside module ``path`` (its parameters read with ``get_attr`` included)."""
-    return [n for n in graph.nodes if path in node_module_paths(n) or (n.op == "get_attr" and _under(n.target, path))]
+def _nodes_of(graph: fx.Graph, paths: list[str]) -> list[fx.Node]:
+    """The nodes that run inside the modules at ``paths`` (their parameters read with ``get_attr`` included)."""
+    return [n for n in graph.nodes if any(p in node_module_paths(n) or (n.op == "get_attr" and _under(n.target, p))
+                                          for p in paths)]
 
 
 def _main_input(inside: list[fx.Node]) -> fx.Node:
@@ -262,6 +235,14 @@ def _insert_copies(level: fx.GraphModule, t: Target, inside: list[fx.Node], new_
     names, renames = t.copy_names(len(new_blocks))
     _rename_children(level, t.container, renames)
     prefix = f"{t.container}." if t.container else ""
+    sources = t.members
+    if t.wrap:  # the block moves to <block>.0 of a new nn.Sequential, its copies follow it there
+        parent = level.get_submodule(t.container) if t.container else level
+        name = t.names[t.index]
+        parent._modules[name] = nn.Sequential(OrderedDict([("0", parent._modules[name])]))
+        for node in graph.nodes:
+            _retarget(node, t.block, t.block + ".0")
+        prefix, sources = t.block + ".", [t.block + ".0"]
     cursor, prev, created = out_node, out_node, set()
     for name, blk in zip(names, new_blocks):
         level.add_submodule(prefix + name, blk)
@@ -269,11 +250,16 @@ def _insert_copies(level: fx.GraphModule, t: Target, inside: list[fx.Node], new_
             with graph.inserting_after(cursor):
                 prev = cursor = graph.call_function(operator.getitem, (prev, item))
             created.add(prev)
+        if t.transition:  # the fresh transition back to the block's input width, one call
+            with graph.inserting_after(cursor):
+                prev = cursor = graph.call_module(f"{prefix}{name}.transition", (prev,))
+            created.add(prev)
         env = {hidden: prev}
         for node in inside:
             with graph.inserting_after(cursor):
                 new = graph.node_copy(node, lambda a, env=env: env.get(a, a))
-            _retarget(new, t.block, prefix + name)
+            for k, src in enumerate(sources):
+                _retarget(new, src, prefix + name + t.part(k))
             env[node] = cursor = new
             created.add(new)
         prev = env[out_node]
@@ -291,16 +277,24 @@ def deepened_skeleton(skeleton: nn.Module, deepen: dict[str, int]) -> nn.Module:
     model = copy.deepcopy(skeleton)
     for key, extra in deepen.items():
         t = resolve_target(model, key)
+        if t.transition:
+            t.widths = _probed_widths(model.get_submodule(t.block))
         cont = model.get_submodule(t.container) if t.container else model
         items = list(cont._modules.items())
+        if t.wrap:
+            names, _ = t.copy_names(extra)
+            block = items[t.index][1]
+            cont._modules[items[t.index][0]] = nn.Sequential(OrderedDict(
+                [("0", block)] + [(name, t.copy_of(model)) for name in names]))
+            continue
         if extra > 0:
             names, renames = t.copy_names(extra)
-            block = items[t.index][1]
+            copies = [t.copy_of(model) for _ in names]
             new = OrderedDict()
             for i, (k, m) in enumerate(items):
                 new[renames.get(k, k)] = m
                 if i == t.index:
-                    new.update((name, copy.deepcopy(block)) for name in names)
+                    new.update(zip(names, copies))
         else:
             new = OrderedDict(items[:len(items) + extra])
         numbered = _layer_indices(cont) == list(range(len(items)))

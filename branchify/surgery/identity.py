@@ -181,10 +181,14 @@ def _record(block: nn.Module, call: Call) -> dict[str, list]:
     return rec
 
 
-def _silence(block: nn.Module, path: str, rec: dict[str, list]) -> str | None:
-    """Zero the last projection of the branch at ``path`` (or the norm that reads it directly)."""
+def _silence(block: nn.Module, path: str, rec: dict[str, list], numel: int) -> str | None:
+    """Zero the last projection of the branch at ``path`` (or the norm that reads it directly). A
+    projection that ran and output other than ``numel`` elements (Swin V2's position-bias MLP,
+    registered after the attention's output projection) does not close the branch and is passed over."""
     projections = [(n, s) for n, s in block.get_submodule(path).named_modules()
-                   if isinstance(getattr(s, "weight", None), torch.Tensor) and s.weight.dim() >= 2]
+                   if isinstance(getattr(s, "weight", None), torch.Tensor) and s.weight.dim() >= 2
+                   and (rec.get(f"{path}.{n}" if n else path, [None] * 4)[3] is None
+                        or rec[f"{path}.{n}" if n else path][3].numel() == numel)]
     if not projections:
         return None
     name, proj = projections[-1]
@@ -236,7 +240,7 @@ def silence_branches(block: nn.Module, call: Call | None) -> str | None:
     for path, (start, end, _, _) in branches:
         if end > limit:
             continue
-        what = _silence(block, path, rec)
+        what = _silence(block, path, rec, x.numel())
         if what is None:
             continue
         zeroed.append(what)

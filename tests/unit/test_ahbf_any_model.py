@@ -1,6 +1,5 @@
-"""AHBF at its defaults on any stack of blocks: the deepened block is found from a real forward,
-its copies start as the identity, and models with no residual block to copy fail with a message
-that names what works.
+"""AHBF at its defaults on any stack of blocks: the deepened block is found from a real forward
+and its copies start as the identity (models with no residual block to copy: test_ahbf_fallback.py).
 
 For each model: with replicas that copy leaf 0 (``init="copy"``) every leaf's logits equal leaf
 0's at init (eval mode; leaf 0 is the original model), so the deepening alone changes nothing; the deeper leaves hold more parameters, one SGD step gives a finite loss, ``export()``
@@ -20,7 +19,6 @@ from torchvision.models.convnext import CNBlockConfig
 from torchvision.models.swin_transformer import SwinTransformer
 
 import branchify as bf
-from branchify.methods import MethodError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -164,28 +162,6 @@ def test_resnets_keep_the_published_choice(make, key, aux):
     assert bm.deepened[key]["start"] == "the identity (the scale of its last normalisation layer 'bn2' at 0)"
     deep = bm.export(1)
     assert float(deep.get_submodule(f"{key}.{len(make().get_submodule(key))}").bn2.weight.detach().abs().sum()) == 0
-
-
-def _tiny_densenet():
-    return torchvision.models.DenseNet(growth_rate=4, block_config=(1, 1, 1, 1), num_init_features=8, num_classes=5)
-
-
-@pytest.mark.parametrize("make, words", [
-    (lambda: torchvision.models.shufflenet_v2_x0_5(num_classes=5), "another preset"),
-    (lambda: torchvision.models.squeezenet1_1(num_classes=5), "deepen_init='standard'"),
-    (_tiny_densenet, "aux=0"),
-])
-def test_no_residual_block_to_copy_names_what_works(make, words):
-    torch.manual_seed(0)
-    with pytest.raises(MethodError, match="not a residual network|keeps the shape") as err:
-        _method(make())
-    assert words in str(err.value) and "aux=0" in str(err.value)
-    # and what it names works: the tree without deepening trains as the hierarchical TAs
-    bm, okd = _method(make(), aux=0)
-    assert bm.spec.deepen == {}
-    x, y = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
-    okd.set_epoch(1, 2)
-    assert torch.isfinite(okd(bm.train()(x), y).total)
 
 
 def test_standard_init_deepens_a_non_residual_stack():
