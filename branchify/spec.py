@@ -55,7 +55,11 @@ class Spec:
         deepen: module path -> extra blocks per leaf (one int per leaf, AHBF). The path names a
             container (``nn.Sequential`` / ``nn.ModuleList``): positive appends fresh copies of
             its last block, negative removes trailing shape-preserving blocks; or a block inside
-            one: its copies go right after it (later children move back; see
+            one: its copies go right after it (later children move back); or a run of an
+            ``nn.Sequential``'s children (``"features[25:28]"``, copied together); or a block
+            called with one tensor whose parent is no container (wrapped with its copies in an
+            ``nn.Sequential``); a ``"<block>@transition"`` key copies a block that only changes its
+            map's channels, each copy after a fresh transition back (see
             :mod:`branchify.surgery.deepen`).
         target: the leaf that is deployed by ``export()`` (default 0).
         init: how replicas are initialised: ``"auto"`` (best available: ``model_fn`` donor,

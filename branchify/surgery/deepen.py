@@ -66,6 +66,10 @@ def prepare_deepen(model: nn.Module, deepen: dict[str, list[int]], tracer: fx.Tr
             keeps = t.call.keeps_shape() if t.call is not None else _keeps_shape(t.copy_of(model), None)
         if t.wrap and not (one_tensor_call(t.call) and keeps):
             raise not_a_block(model, t)
+        if any(e > 0 for e in extra) and not keeps and t.transition:
+            raise SpecError(f"deepen on {key!r}: {t.block} ({t.block_type}) is not called with one [B, C, H, W] "
+                            f"map that it returns at the same size with other channels{_shapes(t.call)}, so "
+                            f"no transition can bring its copies back to its input; drop '@transition'")
         if any(e > 0 for e in extra) and not keeps:
             raise SpecError(f"deepen on {key!r}: its block {t.block} ({t.block_type}) "
                             f"does not keep the shape of its input{_shapes(t.call)}, so copies of it "

@@ -240,3 +240,49 @@ def test_audio_models_are_probed_with_the_input_they_take(family, layers):
     assert net.config.layerdrop == encoder.layerdrop == 0.9  # only the recorded copy ran without it
     bm, _, _ = _method(net)
     assert bm.deepened and all(k.startswith(("wav2vec2.encoder", "model.")) for k in bm.spec.deepen)
+
+
+class Wrapped(nn.Module):
+    """A residual block held as a plain attribute (its parent is no container)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = _Residual(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(self.block(self.stem(x)).mean((2, 3)))
+
+
+class _Residual(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)) + x)
+
+
+def test_spec_keys_name_runs_wrapped_blocks_and_transitions():
+    """The key forms the fallbacks use, given by hand to ``bf.branchify``."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    spec = bf.Spec(splits=["features.8"], fanout=[2], deepen={"features[8:11]": [0, 2]}, deepen_init="standard")
+    bm = bf.branchify(Plain(), spec).eval()
+    deep = bm.export(1).eval()
+    assert [type(m).__name__ for m in deep.features[11:14]] == ["Sequential", "Sequential", "Conv2d"]
+    with torch.no_grad():
+        torch.testing.assert_close(deep(x), bm(x).logits[1], rtol=1e-5, atol=1e-6)
+    spec = bf.Spec(splits=["block"], fanout=[2], deepen={"block": [0, 3]}, deepen_init="standard")
+    bm = bf.branchify(Wrapped(), spec).eval()
+    deep = bm.export(1).eval()
+    assert isinstance(deep.block, nn.Sequential) and len(deep.block) == 4 and type(deep.block[0]) is _Residual
+    assert torch.equal(deep.block[0].conv.weight, bm.segments["b1"].get_submodule("block.0.conv").weight)
+    with torch.no_grad():
+        torch.testing.assert_close(deep(x), bm(x).logits[1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(bf.SpecError, match="drop '@transition'"):
+        bf.branchify(Plain(), bf.Spec(splits=["features.8"], fanout=[2], deepen={"classifier@transition": [0, 1]}))
+    with pytest.raises(bf.SpecError, match=r"'features\[8:99\]': 'features' has 15 children"):
+        bf.branchify(Plain(), bf.Spec(splits=["features.8"], fanout=[2], deepen={"features[8:99]": [0, 1]}))
