@@ -11,8 +11,9 @@ Where no such block exists the rule falls back, says so in ``describe()`` and wa
 the default split the cut moves back to the last residual block (a RegNet whose last stage is
 one downsampling block); else fresh copies (``deepen_init="standard"``, as the authors' code
 builds its deeper branches) of the shape-preserving unit after the cut that ends last - a VGG's
-convolution + BatchNorm + ReLU, SqueezeNet's last Fire module, GoogLeNet's ``inception5a``, a
-Swin V2 block - or, with the default split, before it (ShuffleNet's last stride-1 block).
+convolution + BatchNorm + ReLU, SqueezeNet's last Fire module, GoogLeNet's ``inception5a`` - or,
+with the default split, before it (ShuffleNet's last stride-1 block); else a DenseNet's last
+dense block, each copy after a fresh transition back to its width.
 ``deepen_container`` names the container (or block) instead; ``deepen`` gives the whole mapping;
 ``aux=0`` deepens nothing. ``aux="auto"`` applies the paper's two settings by the body's number
 of stages (distinct block output shapes in that forward): its ImageNet ResNets have four stages
@@ -72,7 +73,8 @@ class AHBFOptions(CommonOptions):
     deepen: dict[str, list[int]] | None = None
     """The whole deepening mapping (:class:`~branchify.Spec`'s ``deepen``) instead of ``aux``'s rule."""
     deepen_container: str | None = None
-    """The container (or block inside one) to deepen; ``None``: found from a forward of the model."""
+    """The container (or block inside one, or a block called with one tensor) to deepen; ``None``:
+    found from a forward of the model."""
     lambdas: tuple[float, float] = (1.0, 1.0)
     """(lambda1, lambda2) of the TA terms: the authors' argparse defaults (see the module docstring)."""
     own_ta: bool = True

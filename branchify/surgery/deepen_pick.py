@@ -173,7 +173,7 @@ def shape_units(model: nn.Module, calls: Calls, after: str, before: bool = False
                 found.append(_unit_in(calls, cpath, cont, i))
             elif _wrappable(model, calls, path):
                 found.append(Unit(path, path, path, calls[path].end, calls[path].hidden_in.dim()))
-    # a stage is no unit when its blocks are: copies of the last Swin V2 block, not of the whole stage
+    # a stage is no unit when its blocks are: copies of the last block of a stage that keeps its shape, not of the stage
     stages = {u.block for u in found if "[" not in u.block and isinstance(model.get_submodule(u.block), _CONTAINERS)
               and any(v.block.startswith((u.block + ".", u.block + "[")) for v in found)}
     blocks = [u for u in found if u.block not in stages]
