@@ -2,6 +2,7 @@
 gradients in float64, mask-aware, chosen automatically only for large token-level outputs."""
 import pytest
 import torch
+from token_chunk_inputs import _labels, _leaves
 
 from branchify import token_chunks
 from branchify.functional import cross_entropy, kl_div_logits, valid_mask
@@ -15,20 +16,6 @@ from branchify.token_chunks import (
 )
 
 RTOL, ATOL = 1e-10, 1e-13
-
-
-def _labels(rows=3, length=7, vocab=11, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, vocab, (rows, length), generator=g)
-    y[0, 4:] = -100  # right padding
-    y[2, :2] = -100  # a masked prompt
-    y[1, 3] = -100   # one ignored token inside a row
-    return y
-
-
-def _leaves(k=3, rows=3, length=7, vocab=11, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(rows, length, vocab, generator=g, dtype=torch.float64).requires_grad_() for _ in range(k)]
 
 
 def _values_and_grads(z, w, y, T, chunk):
