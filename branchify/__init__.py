@@ -10,8 +10,8 @@ Layout: :func:`branchify` (``build.py``) traces and cuts a model into a :class:`
 (``model.py``, a :class:`~branchify.contract.LeafModel`), whose forward runs the tree
 (``surgery/runner.py``) and its aggregator (``aggregators/``); :class:`OnlineKD`
 (``online_kd.py``) turns the output into the loss. :func:`method` (``methods/``) builds a paper's
-preset in one call; framework glue lives in ``integrations/`` and registers itself
-(``registry.py``).
+preset in one call (its table of presets: ``methods/presets.py``); framework glue lives in
+``integrations/`` and registers itself as a plugin (``registry.py``).
 """
 from . import aggregators, methods, metrics, schedules, views, viz
 from .build import branchify

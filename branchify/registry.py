@@ -1,5 +1,7 @@
 """Plugins: how framework integrations tell the core how to trace and initialise their models.
 
+(The table of named methods is another thing: :mod:`branchify.methods.presets`.)
+
 The core never imports an integration (``import branchify`` needs neither transformers, timm nor
 lightning). An integration describes itself with a :class:`Plugin` - a cheap test that a model is
 one of its models, and hooks the core calls for such a model - and makes it known either by

@@ -32,11 +32,13 @@ for every model (the last stage of a ResNet: ``layer4``, TSA ``["layer3", "layer
 ResNet: ``layer3``, TSA ``["layer2", "layer3"]``; the 9th of 12 transformer layers...), recorded in
 ``model.split_reason`` and printed by ``describe()``.
 """
+import sys
+
 from ..surgery.default_split import default_splits
 from . import ahbf, cl_ilr, dml, kdcl, okddip, okdph, one, pcl, tsa  # noqa: F401  (each registers its preset)
 from .common import COMMON, ONE_RAMP
 from .options import Built, CommonOptions, Renamed
-from .registry import (
+from .presets import (
     MethodError,
     Preset,
     available_methods,
@@ -47,6 +49,11 @@ from .registry import (
     register_method,
     resolve,
 )
+
+# The preset table was ``branchify.methods.registry`` until it was renamed to ``presets`` (one
+# ``registry`` - the plugins, ``branchify.registry`` - is enough); the old path stays importable for
+# code written against it, as this same module (one _REGISTRY, one register_method), not a copy.
+sys.modules[__name__ + ".registry"] = sys.modules[__name__ + ".presets"]
 
 __all__ = ["Built", "COMMON", "CommonOptions", "MethodError", "ONE_RAMP", "Preset", "Renamed", "available_methods",
            "default_splits", "get_preset", "method", "method_options", "nearest", "register_method", "resolve"]

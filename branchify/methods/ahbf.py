@@ -56,7 +56,7 @@ from ..surgery.deepen_pick import DeepenPick, pick_block
 from ..surgery.default_split import DefaultSplits, default_splits
 from .common import as_splits, branches, loss_kwargs
 from .options import Built, CommonOptions
-from .registry import MethodError, Preset, register_method
+from .presets import MethodError, Preset, register_method
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -26,7 +26,7 @@ from ..schedules import Schedule
 from ..spec import INPUT, Spec
 from .common import ONE_RAMP, as_splits, branches, choice, loss_kwargs
 from .options import Built, CommonOptions, Renamed
-from .registry import Preset, register_method
+from .presets import Preset, register_method
 
 ENSEMBLES = {"peer_mean": "mean of the other leaves, not detached: the authors' code",
              "mean": "mean of all leaves, the student included, detached"}

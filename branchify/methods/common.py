@@ -7,7 +7,7 @@ from torch import nn
 
 from ..surgery.default_split import DefaultSplits, default_splits
 from .options import CommonOptions, option_defaults
-from .registry import MethodError
+from .presets import MethodError
 
 ONE_RAMP = 80 / 300
 """ONE's and OKDDip's ramp: 80 of 300 epochs, kept as a fraction so it scales with the run."""

@@ -21,7 +21,7 @@ from ..aggregators import Pairwise, PeerMean
 from ..spec import INPUT, Spec
 from .common import as_splits, branches, choice, loss_kwargs
 from .options import Built, CommonOptions, Renamed
-from .registry import Preset, register_method
+from .presets import Preset, register_method
 
 ENSEMBLES = {"pairwise": "DML's paper: every other peer teaches, detached",
              "peer_mean": "mean of the other peers, not detached: OKDDip's DML"}

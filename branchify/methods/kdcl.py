@@ -39,7 +39,7 @@ from ..aggregators import Mean, MinLogit, WeightedMean
 from ..spec import INPUT, Spec
 from .common import alpha_loss, as_splits, branches, choice
 from .options import Built, CommonOptions
-from .registry import MethodError, Preset, register_method
+from .presets import MethodError, Preset, register_method
 
 ENSEMBLES = {"mean": "KDCL-Naive: mean of the networks' logits (both re-implementations)",
              "linear": "KDCL-Linear: weighted sum of the logits with weights=[...] (fit_ensemble_weights)",

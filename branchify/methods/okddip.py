@@ -23,7 +23,7 @@ from ..schedules import Schedule
 from ..spec import Spec
 from .common import ONE_RAMP, as_splits, branches, loss_kwargs
 from .options import Built, CommonOptions
-from .registry import MethodError, Preset, register_method
+from .presets import MethodError, Preset, register_method
 
 
 @dataclass(frozen=True, kw_only=True)

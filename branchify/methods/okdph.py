@@ -45,7 +45,7 @@ from ..hybrid import WeightFusion
 from ..spec import INPUT, Spec
 from .common import as_splits, branches, loss_kwargs
 from .options import Built, CommonOptions
-from .registry import MethodError, Preset, register_method
+from .presets import MethodError, Preset, register_method
 
 
 @dataclass(frozen=True, kw_only=True)

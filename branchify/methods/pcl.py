@@ -52,7 +52,7 @@ from ..spec import Spec
 from ..temporal import TemporalMean
 from .common import as_splits, branches, loss_kwargs
 from .options import Built, CommonOptions
-from .registry import MethodError, Preset, register_method
+from .presets import MethodError, Preset, register_method
 
 REFERENCE_EPOCHS = 300
 

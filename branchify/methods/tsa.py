@@ -18,7 +18,7 @@ from ..aggregators import Pairwise
 from ..spec import Spec
 from .common import alpha_loss, as_splits, branches
 from .options import Built, CommonOptions
-from .registry import Preset, register_method
+from .presets import Preset, register_method
 
 
 @dataclass(frozen=True, kw_only=True)

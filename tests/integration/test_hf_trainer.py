@@ -240,11 +240,11 @@ def test_branchify_hf_errors_are_bf_methods(method, bad):
 
 def test_branchify_hf_builds_a_newly_registered_preset(monkeypatch):
     """No preset names are hard-coded: a preset registered later works, defaults and all."""
-    from branchify.methods import get_preset, registry
+    from branchify.methods import get_preset, presets
 
     one = get_preset("one")
-    monkeypatch.setitem(registry._REGISTRY, "one_five",
-                        registry.Preset("one_five", "ONE, 5 leaves", {**one.defaults, "branches": 5}, one.build))
+    monkeypatch.setitem(presets._REGISTRY, "one_five",
+                        presets.Preset("one_five", "ONE, 5 leaves", {**one.defaults, "branches": 5}, one.build))
     model = _quiet(branchify_hf, make_model("bert"), "one_five", temperature=2.0)
     assert model.branched.num_leaves == 5 and model.branched.spec.splits == ["bert.encoder.layer.2"]
     assert model.okd.temperature == 2.0 and model.branched.aggregator.fc.out_features == 5

@@ -23,6 +23,23 @@ def test_registry_names_and_aliases():
         register_method(get_preset("one"))
 
 
+def test_former_module_path_is_the_preset_table_itself():
+    # branchify.methods.registry was renamed presets.py; the old path must give the same module, so a
+    # preset registered through either is seen by both (one table, not a copy of it).
+    import branchify.methods.presets as presets
+    import branchify.methods.registry as former
+    from branchify.methods import registry as former_from
+    from branchify.methods.registry import MethodError as FormerError
+    from branchify.methods.registry import register_method as former_register
+
+    assert former is presets and former_from is presets
+    assert former_register is register_method is presets.register_method
+    assert former.resolve is presets.resolve and former.apply_model_options is presets.apply_model_options
+    assert FormerError is MethodError and former._REGISTRY is presets._REGISTRY
+    with pytest.raises(MethodError, match="already registered"):
+        former_register(get_preset("one"))
+
+
 def test_unknown_override_lists_every_valid_option_and_the_nearest(tiny_resnet):
     with pytest.raises(MethodError, match=r"does not take \['gate'\]\nvalid options: batched, branches, .*model_fn"):
         method("one", tiny_resnet(), gate=True)

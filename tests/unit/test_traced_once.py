@@ -61,7 +61,7 @@ def test_traced_copy_of_another_model_or_tracer_is_refused():
 
 
 def test_explicit_split_leaves_no_traced_copy():
-    from branchify.methods.registry import resolve
+    from branchify.methods.presets import resolve
 
     assert "traced" not in resolve("one", _net(), {"split": "layer3"}).branchify_kwargs
     assert resolve("one", _net(), {}).branchify_kwargs["traced"].graph is not None

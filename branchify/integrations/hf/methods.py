@@ -17,7 +17,7 @@ from torch import nn
 
 from branchify.build import branchify
 from branchify.methods import resolve
-from branchify.methods.registry import apply_model_options
+from branchify.methods.presets import apply_model_options
 from branchify.online_kd import OnlineKD
 from branchify.surgery.default_split import default_splits, pick_blocks
 

@@ -1,4 +1,9 @@
-"""The registry of named methods and :func:`method`, the one call that builds any of them."""
+"""The preset table - every named method, by name - and :func:`method`, the one call that builds any of them.
+
+Not to be confused with :mod:`branchify.registry`, the plugins for other model zoos (matchers,
+tracers, replica hooks). This module was ``branchify.methods.registry`` before; that import path
+still gives this module.
+"""
 from __future__ import annotations
 
 import difflib
@@ -88,7 +93,7 @@ def nearest(word: str, choices: list[str], n: int = 3) -> str:
 
 
 def register_method(preset: Preset, *, overwrite: bool = False) -> Preset:
-    """Add a preset to the registry (``method(preset.name, ...)`` then builds it).
+    """Add a preset to the preset table (``method(preset.name, ...)`` then builds it).
 
     Examples:
         >>> from dataclasses import dataclass
