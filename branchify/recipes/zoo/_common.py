@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -50,6 +51,45 @@ def init_weights(model: nn.Module) -> None:
         elif isinstance(module, nn.BatchNorm2d):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+
+class PreActNet(nn.Module):
+    """The closing of the pre-activation families (DenseNet, Wide ResNet), written once.
+
+    Their stages end in an un-normalised tensor (a residual sum, a dense concatenation), so the
+    net closes with one more BN-ReLU before pooling: ``conv1`` -> ``layer1``/``layer2``/``layer3``
+    -> ``bn``/``relu`` -> ``avgpool`` -> ``flatten`` -> ``fc``.  A subclass registers ``conv1``
+    and the three stages, then calls :meth:`_add_head`, which registers the closing modules after
+    them (so ``state_dict`` keys, the ``torch.fx`` node names and the order :func:`init_weights`
+    draws random numbers in follow the layout) and initialises the whole net.
+
+    Examples:
+        >>> class Tiny(PreActNet):
+        ...     def __init__(self) -> None:
+        ...         super().__init__()
+        ...         self.conv1 = conv3x3(1, 4)
+        ...         self.layer1, self.layer2, self.layer3 = nn.Identity(), nn.Identity(), nn.Identity()
+        ...         self._add_head(4, num_classes=3)
+        >>> Tiny()(torch.zeros(2, 1, 8, 8)).shape
+        torch.Size([2, 3])
+        >>> [name for name, _ in Tiny().named_children()][-5:]
+        ['bn', 'relu', 'avgpool', 'flatten', 'fc']
+    """
+
+    def _add_head(self, channels: int, num_classes: int) -> None:
+        """Register ``bn``, ``relu``, ``avgpool``, ``flatten`` and ``fc``, then :func:`init_weights`."""
+        self.bn = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten(1)
+        self.fc = nn.Linear(channels, num_classes)
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        x = self.layer3(self.layer2(self.layer1(x)))
+        x = self.relu(self.bn(x))
+        return self.fc(self.flatten(self.avgpool(x)))
 
 
 def count_parameters(model: nn.Module) -> int:

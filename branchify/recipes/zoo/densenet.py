@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import conv1x1, conv3x3, init_weights
+from ._common import PreActNet, conv1x1, conv3x3
 
 
 class DenseLayer(nn.Module):
@@ -50,7 +50,7 @@ def _transition(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
-class DenseNet(nn.Module):
+class DenseNet(PreActNet):
     """CIFAR DenseNet with three dense blocks.
 
     * ``DenseNet(40, 12)`` = DenseNet-40 (k=12), 12 layers per block, no bottleneck, no
@@ -101,18 +101,7 @@ class DenseNet(nn.Module):
                 modules.append(DenseLayer(channels, growth, bc))
                 channels += growth
             self.add_module(f"layer{index}", nn.Sequential(*modules))
-        self.bn = nn.BatchNorm2d(channels)
-        self.relu = nn.ReLU()
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten(1)
-        self.fc = nn.Linear(channels, num_classes)
-        init_weights(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x)
-        x = self.layer3(self.layer2(self.layer1(x)))
-        x = self.relu(self.bn(x))
-        return self.fc(self.flatten(self.avgpool(x)))
+        self._add_head(channels, num_classes)
 
 
 def densenet40_12(num_classes: int = 10, in_channels: int = 3) -> DenseNet:

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ._common import conv1x1, conv3x3, init_weights
+from ._common import PreActNet, conv1x1, conv3x3
 
 
 class PreActBasicBlock(nn.Module):
@@ -82,7 +82,7 @@ class PreActBottleneck(nn.Module):
         return out + identity
 
 
-class WideResNet(nn.Module):
+class WideResNet(PreActNet):
     """Pre-activation Wide ResNet for CIFAR.
 
     * ``block="bottleneck"``: ``depth = 9n+2``; stage ``s`` has planes 16/32/64, middle width
@@ -147,18 +147,7 @@ class WideResNet(nn.Module):
                 channels = blk.out_channels
             self.add_module(f"layer{index}", nn.Sequential(*blocks))
         # Blocks end with an un-normalised sum, so a final BN-ReLU precedes pooling.
-        self.bn = nn.BatchNorm2d(channels)
-        self.relu = nn.ReLU()
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten(1)
-        self.fc = nn.Linear(channels, num_classes)
-        init_weights(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x)
-        x = self.layer3(self.layer2(self.layer1(x)))
-        x = self.relu(self.bn(x))
-        return self.fc(self.flatten(self.avgpool(x)))
+        self._add_head(channels, num_classes)
 
 
 def wrn(
