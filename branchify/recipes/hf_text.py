@@ -47,6 +47,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from branchify.recipes.tables import fixed_width_table
+
 DEFAULTS = {
     "classify": {"model": "prajjwal1/bert-tiny", "dataset": "glue", "config": "sst2", "text_field": "sentence",
                  "label_field": "label", "eval_split": "validation", "max_length": 128, "lr": 5e-5},
@@ -273,14 +275,11 @@ def run_method(method: str, args: argparse.Namespace, tokenizer: Any, train: Any
 def format_table(rows: Sequence[dict[str, Any]], task: str) -> str:
     """Fixed-width results table."""
     metric = "accuracy" if task == "classify" else "token acc"
-    head = f"{'method':<10} {metric:>10} {'bleu':>6} {'leaves':>6} {'params(train)':>14} {'params(deploy)':>14} " \
-           f"{'train s':>8}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        b = f"{r['bleu']:.1f}" if r.get("bleu") is not None else "-"
-        lines.append(f"{r['method']:<10} {100 * r['accuracy']:>10.2f} {b:>6} {r.get('leaves', 1):>6} "
-                     f"{r['trained_params']:>14,} {r['deployed_params']:>14,} {r['train_time_s']:>8.1f}")
-    return "\n".join(lines)
+    columns = [("method", "<10"), (metric, ">10.2f"), ("bleu", ">6"), ("leaves", ">6"), ("params(train)", ">14,"),
+               ("params(deploy)", ">14,"), ("train s", ">8.1f")]
+    return fixed_width_table(columns, [
+        (r["method"], 100 * r["accuracy"], f"{r['bleu']:.1f}" if r.get("bleu") is not None else "-",
+         r.get("leaves", 1), r["trained_params"], r["deployed_params"], r["train_time_s"]) for r in rows])
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

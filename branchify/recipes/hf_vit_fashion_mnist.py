@@ -36,6 +36,7 @@ from typing import Any, Sequence
 import torch
 
 from branchify.recipes.data import DATASETS, load_fashion_mnist
+from branchify.recipes.tables import fixed_width_table
 
 META = DATASETS["fashion_mnist"]
 METHOD_SPLITS = {
@@ -169,14 +170,12 @@ def run_method(method: str, train: ImageDataset, test: ImageDataset, args: argpa
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The results as a fixed-width text table."""
-    head = f"{'method':<10} {'target acc':>10} {'ensemble':>9} {'leaves':>6} {'params(train)':>13} " \
-           f"{'params(deploy)':>14} {'train s':>8}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        ens = f"{100 * r['ensemble_accuracy']:.2f}" if r.get("ensemble_accuracy") is not None else "-"
-        lines.append(f"{r['method']:<10} {100 * r['target_accuracy']:>10.2f} {ens:>9} {r.get('leaves', 1):>6} "
-                     f"{r['trained_params']:>13,} {r['deployed_params']:>14,} {r['train_time_s']:>8.1f}")
-    return "\n".join(lines)
+    columns = [("method", "<10"), ("target acc", ">10.2f"), ("ensemble", ">9"), ("leaves", ">6"),
+               ("params(train)", ">13,"), ("params(deploy)", ">14,"), ("train s", ">8.1f")]
+    return fixed_width_table(columns, [
+        (r["method"], 100 * r["target_accuracy"],
+         f"{100 * r['ensemble_accuracy']:.2f}" if r.get("ensemble_accuracy") is not None else "-",
+         r.get("leaves", 1), r["trained_params"], r["deployed_params"], r["train_time_s"]) for r in rows])
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
