@@ -126,12 +126,13 @@ class CodistillOptions:
 
 
 def _aggregator(name: str) -> nn.Module:
-    from branchify.aggregators import Mean, Pairwise, PeerMean
+    from branchify.methods.common import ENSEMBLE  # the presets' ensemble= names: one value, one aggregator
 
-    return {"pairwise": Pairwise, "peer_mean": PeerMean, "mean": Mean}[name]()
+    return ENSEMBLE[name]()
 
 
 AGGREGATORS = ("pairwise", "peer_mean", "mean")
+"""The names of :data:`branchify.methods.common.ENSEMBLE` a codistillation can use (no weights, no labels)."""
 
 
 def payload_bytes(obj: Any) -> int:

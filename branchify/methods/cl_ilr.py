@@ -9,9 +9,8 @@ leaves, the student included, detached). Loss: T = 3, ONE's ramp (80 of 300 epoc
 ``train_one.py`` runs it.
 
 ``ensemble=`` was formerly ``mean=``, with the values ``"others"`` (now ``"peer_mean"``) and
-``"all"`` (now ``"mean"``); the former spelling still works, with a ``DeprecationWarning``. Every
-preset that lets you choose the teacher its leaves distil from calls that option ``ensemble=``,
-with the same value for the same aggregator (``docs/methods/index.md``).
+``"all"`` (now ``"mean"``); the former spelling still works, with a ``DeprecationWarning``. Its
+values name aggregators as in every preset (:data:`~branchify.methods.common.ENSEMBLE`).
 
 The formula, defaults, reference code (file and line) and paper-vs-code choices are on ``docs/methods/cl_ilr.md``
 (the documentation site's method page).
@@ -21,10 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..aggregators import Mean, PeerMean
 from ..schedules import Schedule
 from ..spec import INPUT, Spec
-from .common import ONE_RAMP, as_splits, branches, choice, loss_kwargs
+from .common import ENSEMBLE, ONE_RAMP, as_splits, branches, ensemble, loss_kwargs
 from .options import Built, CommonOptions, Renamed
 from .presets import Preset, register_method
 
@@ -51,7 +49,7 @@ class CLILROptions(CommonOptions):
 def build(model: Any, o: CLILROptions, tracer: Any = None) -> Built:
     k = branches(o, 2)
     splits, chosen = as_splits(o, 1, model, tracer)
-    teacher = PeerMean() if choice(o, "ensemble", ENSEMBLES) == "peer_mean" else Mean()
+    teacher = ENSEMBLE[ensemble(o, ENSEMBLES)]()
     grad_scale = {splits[0]: 1.0 / k} if o.rescale and splits[0] != INPUT else {}
     spec = Spec(splits=splits, fanout=[k], target=o.target, init=o.init, grad_scale=grad_scale)
     return Built(spec, teacher, loss_kwargs(o), chosen)

@@ -1,10 +1,13 @@
-"""What every preset shares: the generic options, where to split, and option checks."""
+"""What every preset shares: the generic options, where to split, the ``ensemble=`` names, and option checks."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
+from ..aggregators import Mean, MinLogit, Pairwise, PeerMean, WeightedMean
+from ..aggregators.base import Aggregator
 from ..surgery.default_split import DefaultSplits, default_splits
 from .options import CommonOptions, option_defaults
 from .presets import MethodError
@@ -16,6 +19,15 @@ COMMON: dict[str, Any] = option_defaults(CommonOptions)
 """Options every preset accepts (with their generic defaults; presets change some), as a dict: the
 fields of :class:`~branchify.methods.options.CommonOptions`. ``model_fn``, ``tracer``,
 ``feature_node``, ``batched`` and ``init_noise`` are accepted too and go to ``branchify()``."""
+
+ENSEMBLE: dict[str, type[Aggregator]] = {"pairwise": Pairwise, "peer_mean": PeerMean, "mean": Mean,
+                                         "linear": WeightedMean, "min_logit": MinLogit}
+"""Which teacher the leaves distil from, by name: the one table behind every ``ensemble=`` option
+(DML, CL-ILR, KDCL) and the distributed codistillation's ``aggregator=``. One value names one
+aggregator everywhere - ``"pairwise"``: each other peer separately, detached; ``"peer_mean"``: the
+mean of the *other* leaves, not detached; ``"mean"``: all leaves, detached; ``"linear"``: a
+weighted mean (``weights=``); ``"min_logit"``: KDCL-MinLogit. A preset offers some of them
+(:func:`ensemble`) and never gives one another meaning (the rule: ``docs/methods/index.md``)."""
 
 LOSS_OPTIONS = ("temperature", "ramp", "ce_weight", "kd_weight", "detach", "teacher", "teacher_weight",
                 "teacher_temperature")
@@ -72,3 +84,22 @@ def choice(o: Any, key: str, choices: dict[str, str]) -> str:
         listing = "; ".join(f"{c!r} ({what})" for c, what in choices.items())
         raise MethodError(f"{key}={value!r} is unknown; choose {listing}")
     return value
+
+
+def ensemble(o: Any, offered: Mapping[str, str]) -> str:
+    """The ``ensemble`` option if it is one of the values this preset ``offered`` (value -> what it
+    is in this preset), else an error listing them; each offered value must be a name of
+    :data:`ENSEMBLE`, so the aggregator it builds is ``ENSEMBLE[value]``.
+
+    Examples:
+        >>> from types import SimpleNamespace
+        >>> ensemble(SimpleNamespace(ensemble="mean"), {"peer_mean": "the authors' code", "mean": "detached"})
+        'mean'
+        >>> ENSEMBLE["mean"].__name__
+        'Mean'
+    """
+    foreign = [value for value in offered if value not in ENSEMBLE]
+    if foreign:
+        raise MethodError(f"ensemble values {foreign} name no aggregator of branchify.methods.common.ENSEMBLE "
+                          f"({', '.join(ENSEMBLE)}): one value names one aggregator in every preset")
+    return choice(o, "ensemble", dict(offered))

@@ -5,9 +5,8 @@ shared-trunk variant). Aggregator: :class:`~branchify.aggregators.Pairwise` (eve
 teaches, weight 1/(K-1), detached: the DML paper and its code); ``ensemble="peer_mean"`` is OKDDip's
 DML (the mean of the other peers' logits, not detached). Loss: T = 1 (the DML paper), no ramp.
 
-``ensemble=`` was formerly ``kd=`` (the former name still works, with a ``DeprecationWarning``):
-every preset that lets you choose the teacher its leaves distil from calls that option
-``ensemble=``, with the same value for the same aggregator (``docs/methods/index.md``).
+``ensemble=`` was formerly ``kd=`` (the former name still works, with a ``DeprecationWarning``);
+its values name aggregators as in every preset (:data:`~branchify.methods.common.ENSEMBLE`).
 
 The formula, defaults, reference code (file and line) and paper-vs-code choices are on ``docs/methods/dml.md``
 (the documentation site's method page).
@@ -17,9 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..aggregators import Pairwise, PeerMean
 from ..spec import INPUT, Spec
-from .common import as_splits, branches, choice, loss_kwargs
+from .common import ENSEMBLE, as_splits, branches, ensemble, loss_kwargs
 from .options import Built, CommonOptions, Renamed
 from .presets import Preset, register_method
 
@@ -44,7 +42,7 @@ class DMLOptions(CommonOptions):
 def build(model: Any, o: DMLOptions, tracer: Any = None) -> Built:
     splits, chosen = ([INPUT], None) if o.split is None else as_splits(o, 1, model, tracer)
     spec = Spec(splits=splits, fanout=[branches(o, 2)], target=o.target, init=o.init)
-    teacher = Pairwise() if choice(o, "ensemble", ENSEMBLES) == "pairwise" else PeerMean()
+    teacher = ENSEMBLE[ensemble(o, ENSEMBLES)]()
     return Built(spec, teacher, loss_kwargs(o), chosen)
 
 

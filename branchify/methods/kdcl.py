@@ -35,9 +35,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..aggregators import Mean, MinLogit, WeightedMean
 from ..spec import INPUT, Spec
-from .common import alpha_loss, as_splits, branches, choice
+from .common import ENSEMBLE, alpha_loss, as_splits, branches, ensemble
 from .options import Built, CommonOptions
 from .presets import MethodError, Preset, register_method
 
@@ -71,16 +70,16 @@ def build(model: Any, o: KDCLOptions, tracer: Any = None) -> Built:
     splits, chosen = ([INPUT], None) if o.split is None else as_splits(o, 1, model, tracer)
     k = branches(o, 2)
     spec = Spec(splits=splits, fanout=[k], target=o.target, init=o.init)
-    kind = choice(o, "ensemble", ENSEMBLES)
+    kind = ensemble(o, ENSEMBLES)
     if kind != "linear":
         if o.weights is not None:
             raise MethodError(f"weights= is for ensemble='linear'; ensemble={kind!r} takes none")
-        teacher = Mean() if kind == "mean" else MinLogit()
+        teacher = ENSEMBLE[kind]()
     else:
         if o.weights is None or len(o.weights) != k:
             raise MethodError(f"ensemble='linear' needs weights=[...] with one weight per network ({k}); fit them "
                               f"with branchify.aggregators.fit_ensemble_weights(held_out_logits, labels)")
-        teacher = WeightedMean(o.weights)
+        teacher = ENSEMBLE[kind](o.weights)
     return Built(spec, teacher, alpha_loss(o), chosen)
 
 

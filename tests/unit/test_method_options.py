@@ -163,3 +163,29 @@ def test_the_renamed_presets_train_the_same_under_either_name():
         okd.set_epoch(1, 3)
         losses.append(okd(bm(x), y).total)
     assert torch.equal(losses[0], losses[1])
+
+
+def test_one_ensemble_value_names_one_aggregator_in_every_preset_and_in_codistillation():
+    import sys
+
+    from branchify.aggregators import MinLogit, WeightedMean
+    from branchify.distributed.codistill import AGGREGATORS, _aggregator
+    from branchify.methods.common import ENSEMBLE, ensemble
+
+    by_hand = {"pairwise": Pairwise, "peer_mean": PeerMean, "mean": Mean, "linear": WeightedMean,
+               "min_logit": MinLogit}
+    assert ENSEMBLE == by_hand
+    offering = [n for n in available_methods() if "ensemble" in get_preset(n).defaults]
+    assert offering == ["cl_ilr", "dml", "kdcl"]
+    for name in offering:
+        preset = get_preset(name)
+        offered = sys.modules[preset.build.__module__].ENSEMBLES
+        assert set(offered) <= set(by_hand), name
+        for value in offered:
+            extra = {"weights": [1.0, 1.0]} if value == "linear" else {}
+            built = preset.build(_net(), method_options(name, ensemble=value, **extra), None)
+            assert type(built.aggregator) is by_hand[value], (name, value)
+    assert {a: type(_aggregator(a)) for a in AGGREGATORS} == {a: by_hand[a] for a in AGGREGATORS}
+    # a preset cannot offer a value the table does not name (or give a name a second meaning)
+    with pytest.raises(MethodError, match=r"ensemble values \['mine'\] name no aggregator .*pairwise, peer_mean"):
+        ensemble(method_options("dml"), {"pairwise": "DML", "mine": "something else"})
