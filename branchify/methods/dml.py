@@ -3,7 +3,9 @@
 Tree: ``split="<input>"`` - no shared trunk, ``branches`` = 2 whole networks (any split gives a
 shared-trunk variant). Aggregator: :class:`~branchify.aggregators.Pairwise` (every other peer
 teaches, weight 1/(K-1), detached: the DML paper and its code); ``ensemble="peer_mean"`` is OKDDip's
-DML (the mean of the other peers' logits, not detached). Loss: T = 1 (the DML paper), no ramp.
+DML teacher (the mean of the other peers' logits, not detached). Loss: T = 1 (the DML paper), no ramp.
+OKDDip's ``train_DML.py`` also runs 4 networks at T = 3 (with T^2): its baseline as the script runs
+it is ``bf.method("dml", net, ensemble="peer_mean", branches=4, temperature=3.0)``.
 
 ``ensemble=`` was formerly ``kd=`` (the former name still works, with a ``DeprecationWarning``);
 its values name aggregators as in every preset (:data:`~branchify.methods.common.ENSEMBLE`).
