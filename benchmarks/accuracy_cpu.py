@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing as mp
 import statistics
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -39,7 +37,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import machine_info
+from benchmarks.common import (
+    machine_info,
+    markdown_table,
+    mean_se,
+    mean_std,
+    paired_cell,
+    paired_differences,
+    run_pool,
+    write_summary_files,
+)
 from branchify.recipes.regime import CPU_REGIME, BranchifyTrainee, Regime, parse_variant, train_run
 from branchify.recipes.regime import net_fn as regime_net_fn
 
@@ -191,20 +198,12 @@ def run_jobs(jobs: list[tuple[Regime, str, str, int]], out: Path, workers: int, 
           f"on {workers} worker(s)", flush=True)
     for regime, *_ in todo:
         (out / "runs" / regime.name).mkdir(parents=True, exist_ok=True)
-    payload = [(asdict(r), m, impl, s, str(out), root) for r, m, impl, s in todo]
-    t0 = time.perf_counter()
-    with mp.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:
-        for i, msg in enumerate(pool.imap_unordered(_worker, payload), 1):
-            print(f"[{i}/{len(todo)} {time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
+    run_pool(_worker, [(asdict(r), m, impl, s, str(out), root) for r, m, impl, s in todo], workers)
 
 
 # ---------------------------------------------------------------------- summary
 def load_records(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*.json"))]
-
-
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
 def summarise(records: list[dict]) -> list[dict]:
@@ -222,15 +221,15 @@ def summarise(records: list[dict]) -> list[dict]:
         base = by_key.get((regime, "handwritten", "baseline"), {})
         accs = [seeds[s]["target_acc"] for s in sorted(seeds)]
         ens = [seeds[s]["ensemble_acc"] for s in sorted(seeds)]
-        diffs = [seeds[s]["target_acc"] - base[s]["target_acc"] for s in sorted(seeds) if s in base]
-        m, sd = _mean_std(accs)
-        em, esd = _mean_std(ens)
+        diffs = paired_differences(seeds, base, "target_acc")
+        m, sd = mean_std(accs)
+        em, esd = mean_std(ens)
         row = {"regime": regime, "implementation": impl, "method": method, "seeds": len(accs),
                "target_mean": m, "target_std": sd, "ensemble_mean": em, "ensemble_std": esd,
                "train_seconds": statistics.fmean(seeds[s]["train_seconds"] for s in seeds)}
         if method != "baseline" and len(diffs) > 0:
-            dm, dsd = _mean_std(diffs)
-            row.update(gain_mean=dm, gain_se=dsd / math.sqrt(len(diffs)), paired_seeds=len(diffs))
+            dm, dse = mean_se(diffs)
+            row.update(gain_mean=dm, gain_se=dse, paired_seeds=len(diffs))
         rows.append(row)
     return rows
 
@@ -251,14 +250,12 @@ def twin_check(rows: list[dict]) -> list[dict]:
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = ["| regime | implementation | method | seeds | target acc (%) | gain vs baseline (paired, ±SE) "
-             "| ensemble acc (%) | train s/run |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        gain = f"{r['gain_mean']:+.2f} ± {r['gain_se']:.2f}" if "gain_mean" in r else "-"
-        lines.append(f"| {r['regime']} | {r['implementation']} | {r['method']} | {r['seeds']} | "
-                     f"{r['target_mean']:.2f} ± {r['target_std']:.2f} | {gain} | "
-                     f"{r['ensemble_mean']:.2f} ± {r['ensemble_std']:.2f} | {r['train_seconds']:.0f} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["regime", "implementation", "method", "seeds", "target acc (%)", "gain vs baseline (paired, ±SE)",
+         "ensemble acc (%)", "train s/run"],
+        [[r["regime"], r["implementation"], r["method"], r["seeds"], f"{r['target_mean']:.2f} ± {r['target_std']:.2f}",
+          paired_cell(r, "gain", "-"), f"{r['ensemble_mean']:.2f} ± {r['ensemble_std']:.2f}",
+          f"{r['train_seconds']:.0f}"] for r in rows])
 
 
 def plot(records: list[dict], path: Path, regime: str) -> Path:
@@ -274,7 +271,7 @@ def plot(records: list[dict], path: Path, regime: str) -> Path:
     methods = [m for m in ALL_METHODS if any(r["method"] == m for r in recs)]
     fig, ax = plt.subplots(figsize=(1.1 * len(methods) + 2.5, 4.2))
     if base:
-        bm, bsd = _mean_std(base)
+        bm, bsd = mean_std(base)
         ax.axhspan(bm - bsd, bm + bsd, color="0.85", label=f"baseline {bm:.2f} ± {bsd:.2f}")
         ax.axhline(bm, color="0.5", lw=1)
     colours = {"handwritten": "tab:blue", "branchify": "tab:red"}
@@ -305,13 +302,12 @@ def write_summary(out: Path, title: str) -> str:
     twins = twin_check(rows)
     text = [f"# {title}", "", format_rows(rows)]
     if twins:
-        text += ["", "| regime | method | branchify - hand-written | 2 SE | within 2 SE |", "|---|---|---|---|---|"]
-        text += [f"| {t['regime']} | {t['method']} | {t['diff']:+.2f} | {2 * t['se']:.2f} | "
-                 f"{'yes' if t['within_2se'] else 'NO'} |" for t in twins]
-    (out / "summary.md").write_text("\n".join(text) + "\n")
-    (out / "results.json").write_text(json.dumps(
-        {"machine": machine_info(torch.device("cpu")), "summary": rows, "twins": twins,
-         "runs": [{k: v for k, v in r.items() if k != "history"} for r in records]}, indent=1))
+        text += ["", markdown_table(["regime", "method", "branchify - hand-written", "2 SE", "within 2 SE"],
+                                    [[t["regime"], t["method"], f"{t['diff']:+.2f}", f"{2 * t['se']:.2f}",
+                                      "yes" if t["within_2se"] else "NO"] for t in twins])]
+    write_summary_files(out, "\n".join(text), {
+        "machine": machine_info(torch.device("cpu")), "summary": rows, "twins": twins,
+        "runs": [{k: v for k, v in r.items() if k != "history"} for r in records]})
     for regime in sorted({r["regime"] for r in records}):
         plot(records, out / f"accuracy_{regime}.png", regime)
     return "\n".join(text)

@@ -1,11 +1,14 @@
-"""Shared benchmark plumbing: machine info, interleaved median timing, JSON results, tables."""
+"""Shared benchmark plumbing: machine info, interleaved median timing, paired statistics over seeds, a
+process pool for independent runs, JSON results and tables."""
 from __future__ import annotations
 
 import json
+import math
+import multiprocessing as mp
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -41,11 +44,109 @@ def interleaved_medians(fns: dict[str, Callable[[], None]], reps: int, warmup: i
             for k, v in times.items()}
 
 
-def write_results(path: str | Path, payload: dict) -> Path:
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value).
+
+    Examples:
+        >>> mean_std([1.0, 2.0, 3.0])
+        (2.0, 1.0)
+        >>> mean_std([4.0])
+        (4.0, 0.0)
+    """
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (sample std / sqrt(n); 0 for a single value).
+
+    Examples:
+        >>> mean_se([1.0, 2.0, 3.0, 4.0])[1] == statistics.stdev([1.0, 2.0, 3.0, 4.0]) / 2
+        True
+    """
+    m, sd = mean_std(xs)
+    return m, sd / math.sqrt(len(xs))
+
+
+def paired_differences(runs: dict[int, Any], base: dict[int, Any], key: str | None = None) -> list[float]:
+    """``runs[s] - base[s]`` for every seed ``s`` in both, in seed order: per-seed paired differences.
+    With ``key`` the runs are records and their ``key`` fields are compared.
+
+    Examples:
+        >>> paired_differences({2: 5.0, 0: 3.0, 1: 4.0}, {0: 1.0, 2: 1.5})
+        [2.0, 3.5]
+        >>> paired_differences({0: {"acc": 80.0}}, {0: {"acc": 79.5}}, key="acc")
+        [0.5]
+    """
+    if key is None:
+        return [runs[s] - base[s] for s in sorted(runs) if s in base]
+    return [runs[s][key] - base[s][key] for s in sorted(runs) if s in base]
+
+
+def paired_cell(row: dict, name: str, missing: str = "") -> str:
+    """A table cell ``+m.mm ± s.ss`` of the row's ``<name>_mean`` and ``<name>_se``, ``missing`` without them.
+
+    Examples:
+        >>> paired_cell({"gain_mean": 1.234, "gain_se": 0.5}, "gain")
+        '+1.23 ± 0.50'
+        >>> paired_cell({}, "gain", "-")
+        '-'
+    """
+    if f"{name}_mean" not in row:
+        return missing
+    return f"{row[f'{name}_mean']:+.2f} ± {row[f'{name}_se']:.2f}"
+
+
+def run_pool(worker: Callable[[Any], str], jobs: list, workers: int, spawn_one: bool = True) -> None:
+    """``worker(job)`` for every job in ``workers`` spawned processes, a fresh one per job (no run inherits
+    another's state), printing each returned line as it finishes: ``[done/total seconds] line``. With one
+    worker and ``spawn_one=False`` the jobs run here, one after the other.
+
+    Examples:
+        >>> run_pool(str.upper, ["a", "b"], workers=1, spawn_one=False)
+        [1/2      0s] A
+        [2/2      0s] B
+    """
+    t0 = time.perf_counter()
+
+    def report(lines) -> None:
+        for i, msg in enumerate(lines, 1):
+            print(f"[{i}/{len(jobs)} {time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
+
+    if workers <= 1 and not spawn_one:
+        report(map(worker, jobs))
+        return
+    with mp.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:
+        report(pool.imap_unordered(worker, jobs))
+
+
+def write_results(path: str | Path, payload: dict, indent: int = 2) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2))
+    path.write_text(json.dumps(payload, indent=indent))
     return path
+
+
+def write_summary_files(out: Path, text: str, payload: dict, prefix: str = "") -> None:
+    """``<prefix>summary.md`` (``text`` and a final newline) and ``<prefix>results.json`` (``payload``,
+    indent 1) in ``out``, which is made if missing: what a driver's ``summarise`` step writes."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{prefix}summary.md").write_text(text + "\n")
+    write_results(out / f"{prefix}results.json", payload, indent=1)
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    """A markdown table: the header, its ``|---|`` rule, then one line per row (each cell as ``str`` gives it).
+
+    Examples:
+        >>> print(markdown_table(["method", "seeds"], [["one", 5], ["dml", ""]]))
+        | method | seeds |
+        |---|---|
+        | one | 5 |
+        | dml |  |
+    """
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def table(rows: list[dict], columns: list[str]) -> str:

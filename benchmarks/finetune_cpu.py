@@ -33,8 +33,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
-import multiprocessing as mp
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -44,7 +42,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import machine_info
+from benchmarks.common import (
+    machine_info,
+    markdown_table,
+    mean_se,
+    paired_cell,
+    paired_differences,
+    run_pool,
+    write_summary_files,
+)
 
 DEFAULT_OUT = "benchmarks/results/finetune_cpu"
 CACHE = Path("runs/finetune_cpu")
@@ -83,12 +89,15 @@ def _classes(x: torch.Tensor, y: torch.Tensor, classes: tuple[int, ...]) -> tupl
     return x[keep], y[keep] - classes[0]
 
 
-def loaders(s: Setting, classes: tuple[int, ...], size: int | None, seed: int, batch: int, root: str | None):
-    """``(train, test)`` loaders over ``classes`` (labels from 0), ``size`` stratified training images."""
-    from branchify.recipes.data import DATASETS, TensorLoader, load_fashion_mnist
+def images(s, classes: tuple[int, ...], size: int | None, seed: int, root: str | None
+           ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``((x, y), (x_test, y_test))`` of ``classes`` (uint8 28x28 images, labels from 0); ``size``
+    class-stratified training images drawn from ``seed`` (``None``: all), the first ``s.test_size``
+    test images (``None``: all). ``s``: this module's ``Setting`` or ``finetune_hf.HFSetting`` - both
+    fine-tuning benchmarks draw their images here."""
+    from branchify.recipes.data import load_fashion_mnist
     from branchify.recipes.data.sources import stratified_subset
 
-    meta = DATASETS["fashion_mnist"]
     x, y, xt, yt = load_fashion_mnist(root)
     (x, y), (xt, yt) = _classes(x, y, classes), _classes(xt, yt, classes)
     if size is not None:
@@ -96,6 +105,15 @@ def loaders(s: Setting, classes: tuple[int, ...], size: int | None, seed: int, b
         x, y = x[idx], y[idx]
     if s.test_size is not None:
         xt, yt = xt[: s.test_size], yt[: s.test_size]
+    return (x, y), (xt, yt)
+
+
+def loaders(s: Setting, classes: tuple[int, ...], size: int | None, seed: int, batch: int, root: str | None):
+    """``(train, test)`` loaders over ``classes`` (labels from 0), ``size`` stratified training images."""
+    from branchify.recipes.data import DATASETS, TensorLoader
+
+    meta = DATASETS["fashion_mnist"]
+    (x, y), (xt, yt) = images(s, classes, size, seed, root)
     k = 28 // s.image_size
     if k != 1:
         x, xt = (F.avg_pool2d(t.float(), k).round().to(torch.uint8) for t in (x, xt))
@@ -257,24 +275,10 @@ def sweep(s: Setting, seeds: list[int], out: Path, workers: int, root: str | Non
             for seed in seeds for m, init, impl in which
             if not run_path(out, s, m, init, impl, seed).exists()]
     print(f"{len(jobs)} runs to go on {workers} worker(s)", flush=True)
-    t0 = time.perf_counter()
-    if workers <= 1:
-        results = map(_worker, jobs)
-    else:
-        pool = mp.get_context("spawn").Pool(workers, maxtasksperchild=1)
-        results = pool.imap_unordered(_worker, jobs)
-    for i, msg in enumerate(results, 1):
-        print(f"[{i}/{len(jobs)} {time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
-    if workers > 1:
-        pool.close()
+    run_pool(_worker, jobs, workers, spawn_one=False)
 
 
 # ---------------------------------------------------------------------- summary
-def _mean_se(xs: list[float]) -> tuple[float, float]:
-    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return statistics.fmean(xs), sd / math.sqrt(len(xs))
-
-
 def summarise(records: list[dict]) -> list[dict]:
     """One row per (method, init, implementation): accuracy, the paired gain over ``plain`` fine-tuning
     of the same seeds, and for peers the paired gain of pretrained over random peers."""
@@ -291,13 +295,12 @@ def summarise(records: list[dict]) -> list[dict]:
                "target_mean": statistics.fmean(accs), "target_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                "ensemble_mean": statistics.fmean(runs[s]["ensemble_acc"] for s in runs),
                "train_seconds": statistics.fmean(runs[s]["train_seconds"] for s in runs)}
-        gains = [runs[s]["target_acc"] - base[s]["target_acc"] for s in sorted(runs) if s in base]
+        gains = paired_differences(runs, base, "target_acc")
         if key != ("plain", "pretrained", "plain") and gains:
-            row["gain_mean"], row["gain_se"] = _mean_se(gains)
+            row["gain_mean"], row["gain_se"] = mean_se(gains)
         other = by.get((method, "random", impl), {})
         if init == "pretrained" and method != "plain" and other:
-            d = [runs[s]["target_acc"] - other[s]["target_acc"] for s in sorted(runs) if s in other]
-            row["vs_random_mean"], row["vs_random_se"] = _mean_se(d)
+            row["vs_random_mean"], row["vs_random_se"] = mean_se(paired_differences(runs, other, "target_acc"))
         rows.append(row)
     return rows
 
@@ -309,26 +312,32 @@ def twins(records: list[dict]) -> list[dict]:
         runs = {(r["implementation"], r["seed"]): r for r in records if (r["method"], r["init"]) == ("dml", init)}
         bf_runs = {s: r for (impl, s), r in runs.items() if impl == "branchify"}
         hw = {s: r for (impl, s), r in runs.items() if impl == "handwritten"}
-        d = [bf_runs[s]["target_acc"] - hw[s]["target_acc"] for s in sorted(bf_runs) if s in hw]
+        d = paired_differences(bf_runs, hw, "target_acc")
         if d:
-            m, se = _mean_se(d)
+            m, se = mean_se(d)
             out.append({"method": "dml", "init": init, "seeds": len(d), "diff": m, "se": se,
                         "within_2se": bool(abs(m) <= 2 * se) or m == 0.0})
     return out
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | peers init | implementation | seeds | target acc (%) "
-             "| gain vs plain fine-tuning (paired ± SE) | pretrained - random peers (paired ± SE) "
-             "| ensemble acc (%) | train s/run |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        gain = f"{r['gain_mean']:+.2f} ± {r['gain_se']:.2f}" if "gain_mean" in r else "-"
-        vs = f"{r['vs_random_mean']:+.2f} ± {r['vs_random_se']:.2f}" if "vs_random_mean" in r else ""
-        lines.append(f"| {r['method']} | {r['init']} | {r['implementation']} | {r['seeds']} | "
-                     f"{r['target_mean']:.2f} ± {r['target_std']:.2f} | {gain} | {vs} | {r['ensemble_mean']:.2f} | "
-                     f"{r['train_seconds']:.0f} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["method", "peers init", "implementation", "seeds", "target acc (%)", "gain vs plain fine-tuning (paired ± SE)",
+         "pretrained - random peers (paired ± SE)", "ensemble acc (%)", "train s/run"],
+        [[r["method"], r["init"], r["implementation"], r["seeds"], f"{r['target_mean']:.2f} ± {r['target_std']:.2f}",
+          paired_cell(r, "gain", "-"), paired_cell(r, "vs_random"), f"{r['ensemble_mean']:.2f}",
+          f"{r['train_seconds']:.0f}"] for r in rows])
+
+
+def pretrained_start(pretraining: dict | None, epochs: int) -> list[str]:
+    """The summary's closing lines on the pretrained start (none without its record); the test image count
+    is named when the record has it (``finetune_hf``'s does)."""
+    if not pretraining:
+        return []
+    tested = f"{pretraining['test_images']} " if "test_images" in pretraining else ""
+    return ["", f"Pretrained start: {pretraining['test_acc_classes_0_4']:.2f}% on the {tested}test images of "
+                f"classes 0-4 ({pretraining['train_images']} images, {epochs} epochs, "
+                f"{pretraining['train_seconds']:.0f}s)."]
 
 
 def write_summary(out: Path, s: Setting) -> str:
@@ -338,19 +347,13 @@ def write_summary(out: Path, s: Setting) -> str:
     pretraining = next((json.loads(p.read_text()) for p in found if p.exists()), None)
     text = [f"# CPU fine-tuning benchmark: {s.name}", "", table(rows)]
     if tw:
-        text += ["", "| twin | init | seeds | branchify - hand-written | 2 SE | within 2 SE |",
-                 "|---|---|---|---|---|---|"]
-        text += [f"| dml | {t['init']} | {t['seeds']} | {t['diff']:+.2f} | {2 * t['se']:.2f} | "
-                 f"{'yes' if t['within_2se'] else 'NO'} |" for t in tw]
-    if pretraining:
-        text += ["", f"Pretrained start: {pretraining['test_acc_classes_0_4']:.2f}% on the test images of "
-                     f"classes 0-4 ({pretraining['train_images']} images, {s.pre_epochs} epochs, "
-                     f"{pretraining['train_seconds']:.0f}s)."]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.md").write_text("\n".join(text) + "\n")
-    (out / "results.json").write_text(json.dumps(
-        {"machine": machine_info(torch.device("cpu")), "setting": asdict(s), "pretraining": pretraining,
-         "summary": rows, "twins": tw, "runs": records}, indent=1))
+        text += ["", markdown_table(["twin", "init", "seeds", "branchify - hand-written", "2 SE", "within 2 SE"],
+                                    [["dml", t["init"], t["seeds"], f"{t['diff']:+.2f}", f"{2 * t['se']:.2f}",
+                                      "yes" if t["within_2se"] else "NO"] for t in tw])]
+    text += pretrained_start(pretraining, s.pre_epochs)
+    write_summary_files(out, "\n".join(text), {
+        "machine": machine_info(torch.device("cpu")), "setting": asdict(s), "pretraining": pretraining,
+        "summary": rows, "twins": tw, "runs": records})
     return "\n".join(text)
 
 

@@ -43,8 +43,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import machine_info
-from benchmarks.finetune_cpu import DEFAULT_OUT, FT_CLASSES, PRE_CLASSES, _classes, _mean_se
+from benchmarks.common import (
+    machine_info,
+    markdown_table,
+    mean_se,
+    paired_cell,
+    paired_differences,
+    write_summary_files,
+)
+from benchmarks.finetune_cpu import DEFAULT_OUT, FT_CLASSES, PRE_CLASSES, images, pretrained_start
 
 IMPLEMENTATION = "hf-trainer"
 ROWS = [("plain", "pretrained"), ("one", "random"), ("one", "pretrained"), ("dml", "random"), ("dml", "pretrained")]
@@ -81,23 +88,6 @@ TINY = HFSetting("tiny", "tiny", hidden=16, layers=3, heads=2, intermediate=32, 
 
 
 # ---------------------------------------------------------------------- data
-def images(s: HFSetting, classes: tuple[int, ...], size: int | None, seed: int, root: str | None
-           ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """``((x, y), (x_test, y_test))`` of ``classes`` (uint8 images, labels from 0); ``size``
-    class-stratified training images drawn from ``seed`` (``None``: all)."""
-    from branchify.recipes.data import load_fashion_mnist
-    from branchify.recipes.data.sources import stratified_subset
-
-    x, y, xt, yt = load_fashion_mnist(root)
-    (x, y), (xt, yt) = _classes(x, y, classes), _classes(xt, yt, classes)
-    if size is not None:
-        idx = stratified_subset(y, size, seed)
-        x, y = x[idx], y[idx]
-    if s.test_size is not None:
-        xt, yt = xt[: s.test_size], yt[: s.test_size]
-    return (x, y), (xt, yt)
-
-
 class Images(torch.utils.data.Dataset):
     """Map-style dataset of ``{"pixel_values": uint8 [1, H, W], "labels": int}`` (what the Trainer batches)."""
 
@@ -275,27 +265,24 @@ def summarise(records: list[dict]) -> list[dict]:
                "target_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                **{k: statistics.fmean(r[k] for r in records if (r["method"], r["init"]) == key)
                   for k in ("train_seconds", "train_cpu_seconds")}}
-        gains = [runs[s] - base[s] for s in sorted(runs) if s in base]
+        gains = paired_differences(runs, base)
         if key != ("plain", "pretrained") and gains:
-            row["gain_mean"], row["gain_se"] = _mean_se(gains)
+            row["gain_mean"], row["gain_se"] = mean_se(gains)
         other = by.get((key[0], "random"), {})
         if key[1] == "pretrained" and key[0] != "plain" and other:
-            row["vs_random_mean"], row["vs_random_se"] = _mean_se([runs[s] - other[s] for s in sorted(runs)
-                                                                   if s in other])
+            row["vs_random_mean"], row["vs_random_se"] = mean_se(paired_differences(runs, other))
         rows.append(row)
     return rows
 
 
 def table(rows: list[dict]) -> str:
     """The markdown table of :func:`summarise`'s rows."""
-    lines = ["| method | peers init | seeds | target acc (%) | gain vs plain fine-tuning (paired ± SE) "
-             "| pretrained - random peers (paired ± SE) | train s/run (wall / CPU) |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        gain = f"{r['gain_mean']:+.2f} ± {r['gain_se']:.2f}" if "gain_mean" in r else "-"
-        vs = f"{r['vs_random_mean']:+.2f} ± {r['vs_random_se']:.2f}" if "vs_random_mean" in r else ""
-        lines.append(f"| {r['method']} | {r['init']} | {r['seeds']} | {r['target_mean']:.2f} ± {r['target_std']:.2f} "
-                     f"| {gain} | {vs} | {r['train_seconds']:.0f} / {r['train_cpu_seconds']:.0f} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["method", "peers init", "seeds", "target acc (%)", "gain vs plain fine-tuning (paired ± SE)",
+         "pretrained - random peers (paired ± SE)", "train s/run (wall / CPU)"],
+        [[r["method"], r["init"], r["seeds"], f"{r['target_mean']:.2f} ± {r['target_std']:.2f}",
+          paired_cell(r, "gain", "-"), paired_cell(r, "vs_random"),
+          f"{r['train_seconds']:.0f} / {r['train_cpu_seconds']:.0f}"] for r in rows])
 
 
 def write_summary(out: Path, s: HFSetting, folder: Path) -> str:
@@ -309,15 +296,10 @@ def write_summary(out: Path, s: HFSetting, folder: Path) -> str:
             "fine-tuned by the unchanged `transformers.Trainer` (+ `BranchifyCallback` for ONE / DML); "
             "target = the exported target reloaded with `from_pretrained`. Random peers: `init=\"hf\"`; "
             "pretrained peers: the automatic default for a `from_pretrained` model.", "", table(rows)]
-    if pretraining:
-        text += ["", f"Pretrained start: {pretraining['test_acc_classes_0_4']:.2f}% on the "
-                     f"{pretraining['test_images']} test images of classes 0-4 ({pretraining['train_images']} "
-                     f"images, {s.pre_epochs} epochs, {pretraining['train_seconds']:.0f}s)."]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "hf_summary.md").write_text("\n".join(text) + "\n")
-    (out / "hf_results.json").write_text(json.dumps(
-        {"machine": machine_info(torch.device("cpu")), "config": asdict(s), "pretraining": pretraining,
-         "summary": rows, "runs": records}, indent=1))
+    text += pretrained_start(pretraining, s.pre_epochs)
+    write_summary_files(out, "\n".join(text), {
+        "machine": machine_info(torch.device("cpu")), "config": asdict(s), "pretraining": pretraining,
+        "summary": rows, "runs": records}, prefix="hf_")
     return "\n".join(text)
 
 
