@@ -1,5 +1,5 @@
-"""Shared benchmark plumbing: machine info, interleaved median timing, paired statistics over seeds, a
-process pool for independent runs, JSON results and tables."""
+"""Shared benchmark plumbing: machine info, training steps and their timing, paired statistics over
+seeds, a process pool for independent runs, JSON results and tables."""
 from __future__ import annotations
 
 import json
@@ -25,6 +25,42 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def sgd_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], lr: float = 0.01) -> Callable[[], None]:
+    """One full training step of ``model`` as a function: ``loss_fn()`` (forward + loss), zeroed
+    gradients, backward, a step of SGD with momentum 0.9 (made here, so its state lives with the step).
+
+    Examples:
+        >>> net = torch.nn.Linear(2, 1)
+        >>> step = sgd_step(net, lambda: net(torch.ones(1, 2)).sum())
+        >>> before = net.bias.detach().clone(); step()
+        >>> bool(net.bias.detach() < before)
+        True
+    """
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+
+    def step() -> None:
+        loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def timed_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call of ``fn``, the device synchronised before and after (CUDA's queue drained).
+
+    Examples:
+        >>> timed_ms(lambda: None, torch.device("cpu")) >= 0.0
+        True
+    """
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
 def interleaved_medians(fns: dict[str, Callable[[], None]], reps: int, warmup: int,
                         device: torch.device) -> dict[str, dict]:
     """Time each function ``reps`` times, round-robin (so drift hits all alike); medians in ms."""
@@ -35,11 +71,7 @@ def interleaved_medians(fns: dict[str, Callable[[], None]], reps: int, warmup: i
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            times[name].append(timed_ms(fn, device))
     return {k: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v), "reps": len(v)}
             for k, v in times.items()}
 

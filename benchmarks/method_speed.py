@@ -59,7 +59,7 @@ from torch import nn
 import branchify as bf
 from branchify.recipes.zoo.resnet import CifarResNet
 
-from .common import interleaved_medians, machine_info, sync, table, write_results
+from .common import interleaved_medians, machine_info, markdown_table, sgd_step, table, timed_ms, write_results
 from .memory import step_memory
 
 CLASSES = 100
@@ -108,15 +108,7 @@ def build(name: str, depth: int) -> tuple[nn.Module, Callable[[torch.Tensor, tor
 
 def make_step(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     """One full training step: forward + loss, backward, SGD (momentum 0.9) step."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step() -> None:
-        loss = loss_fn(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
+    return sgd_step(model, lambda: loss_fn(x, y))
 
 
 def state_mb(model: nn.Module) -> float:
@@ -127,14 +119,7 @@ def state_mb(model: nn.Module) -> float:
 
 def median_ms(fn: Callable[[], object], reps: int, device: torch.device) -> float:
     """Median ms of ``fn`` over ``reps`` calls (a part of a step timed on its own)."""
-    times = []
-    for _ in range(max(reps, 1)):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(timed_ms(fn, device) for _ in range(max(reps, 1)))
 
 
 def components(models: dict[str, nn.Module], x: torch.Tensor, reps: int) -> dict[str, float]:
@@ -153,11 +138,7 @@ def components(models: dict[str, nn.Module], x: torch.Tensor, reps: int) -> dict
 def recorded(fn: Callable[[], None], log: list[float], device: torch.device) -> Callable[[], None]:
     """``fn`` that also appends its own duration (ms) to ``log`` (the raw times of every round)."""
     def timed() -> None:
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        log.append((time.perf_counter() - t0) * 1e3)
+        log.append(timed_ms(fn, device))
 
     return timed
 
@@ -242,8 +223,7 @@ def summary(payload: dict) -> str:
              f"{c['optimizer']}) after 1 warm-up step; `saved MiB`: what autograd saves for backward in one "
              "step; `state MiB`: the state dict incl. hidden EMA / hybrid networks. Compare ratios within one "
              f"run: absolute times depend on the machine's load ({m['cpu_count']} CPUs).", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(row[k] for k in cols) + " |" for row in _rows(payload)]
+             markdown_table(cols, [[row[k] for k in cols] for row in _rows(payload)])]
     lines.append("")
     parts, one = payload["parts_ms"], payload["variants"].get("one", {}).get("median_ms")
     for extra, part, what in (("one+ema-update", "ema_update", "EMA bookkeeping (version check + update)"),

@@ -32,7 +32,7 @@ import branchify as bf
 from branchify.surgery.batched import wants_vmap
 from branchify.recipes.zoo import resnet32
 
-from .common import interleaved_medians, machine_info, sync, table, write_results
+from .common import interleaved_medians, machine_info, sgd_step, sync, table, write_results
 from .handwritten import HandAHBF, HandDML, HandONE, HandTSA
 from .memory import step_memory
 
@@ -73,7 +73,6 @@ def _logits(out) -> list[torch.Tensor]:
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool, compiled: bool,
               compile_mode: str | None) -> Callable[[], None]:
     """A full training step; with ``compiled``, forward + loss run as one fullgraph compiled graph."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     device_type = x.device.type
 
     def forward_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -82,14 +81,7 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool, com
         return sum(F.cross_entropy(z.float(), y) for z in _logits(out))
 
     fn = torch.compile(forward_loss, fullgraph=True, mode=compile_mode) if compiled else forward_loss
-
-    def step() -> None:
-        loss = fn(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
+    return sgd_step(model, lambda: fn(x, y))
 
 
 def build_variants(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> list[Variant]:

@@ -16,23 +16,18 @@ import torch.nn.functional as F
 import branchify as bf
 from branchify.recipes.zoo import resnet32
 
-from .common import interleaved_medians, machine_info, table, write_results
+from .common import interleaved_medians, machine_info, sgd_step, table, write_results
 from .handwritten import HandONE, HandTSA
 
 
 def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool = False):
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step() -> None:
+    def loss() -> torch.Tensor:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
             out = model(x)
         logits = out.logits if hasattr(out, "logits") else (out if isinstance(out, list) else [out])
-        loss = sum(F.cross_entropy(z.float(), y) for z in logits)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        return sum(F.cross_entropy(z.float(), y) for z in logits)
 
-    return step
+    return sgd_step(model, loss)
 
 
 def main(argv: list[str] | None = None) -> dict:
