@@ -1,5 +1,6 @@
 """A training *regime* for the CPU recipes: a model size, a data set size and a schedule, and the
-one training loop both the CPU accuracy benchmark and the README demo run.
+training run both the CPU accuracy benchmark and the README demo make (:func:`train_run`: the
+recipes' one loop, :func:`branchify.recipes.loop.run_epoch`, configured for the regime).
 
 Recipe: SGD with Nesterov momentum 0.9, weight decay 5e-4, OneCycleLR to ``lr`` with 15% warm-up
 (torch's defaults otherwise, momentum cycling included), random crop + horizontal flip, fp32;
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .loop import run_epoch
 from .progress import progress_bar
 
 
@@ -181,12 +183,33 @@ def evaluate(trainee, loader) -> dict[str, Any]:
     return {"target_acc": leaf[trainee.target], "ensemble_acc": ens / n * 100, "leaf_accs": leaf}
 
 
+def _finite_loss(trainee, epoch: int, label: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The trainee's loss at ``epoch`` as :func:`~branchify.recipes.loop.run_epoch` asks for it;
+    a non-finite value stops the run with :class:`FloatingPointError` (``label`` says which run)."""
+
+    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = trainee.loss(x, y, epoch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{label}: loss {float(loss.detach())} at epoch {epoch}")
+        return loss
+
+    return loss_of
+
+
 def train_run(regime: Regime, make_trainee: Callable[[], Any], seed: int, *, method: str, implementation: str,
               data_root: str | None = None, progress: Any = False) -> dict[str, Any]:
     """Train one trainee (built by ``make_trainee()`` after seeding) and return its result record.
 
     ``progress``: ``False``, ``True`` (a tqdm bar with ETA) or an int (that bar on terminal line
-    ``progress``, for runs in parallel processes).
+    ``progress``, for runs in parallel processes). Every epoch is one
+    :func:`~branchify.recipes.loop.run_epoch` over the whole training subset in fp32, the
+    trainee's loss checked for a finite value at every step (:class:`FloatingPointError`).
+
+    Examples:
+        >>> regime = Regime("tiny", depth=8, train_size=100, epochs=1, eval_points=1)   # doctest: +SKIP
+        >>> rec = train_run(regime, lambda: PlainTrainee(regime), 0, method="baseline",  # doctest: +SKIP
+        ...                 implementation="branchify")
+        >>> rec["history"][-1]["epoch"], rec["target_acc"]                            # doctest: +SKIP
     """
     own_views = method.split(":")[0] in regime.peer_views and regime.augment
     train_loader, test_loader = load_data(regime, seed, data_root, augment=False if own_views else None)
@@ -204,19 +227,12 @@ def train_run(regime: Regime, make_trainee: Callable[[], Any], seed: int, *, met
     for epoch in range(regime.epochs):
         trainee.set_epoch(epoch)
         t_epoch = time.perf_counter()
-        for x, y in train_loader:
-            loss = trainee.loss(x, y, epoch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{implementation} {method} seed {seed}: loss {float(loss)} at epoch {epoch}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
+        stats = run_epoch(_finite_loss(trainee, epoch, f"{implementation} {method} seed {seed}"), opt, sched,
+                          train_loader, bar=bar)
         train_s += time.perf_counter() - t_epoch
         if epoch + 1 in evals:
             metrics = evaluate(trainee, test_loader)
-            history.append({"epoch": epoch + 1, "loss": loss.item(), **metrics})
+            history.append({"epoch": epoch + 1, "loss": stats.last_loss.item(), **metrics})
             bar.set_postfix(acc=f"{metrics['target_acc']:.2f}")
     bar.close()
     final = history[-1]

@@ -1,7 +1,9 @@
 """Train one configuration (a baseline or any online-KD method) and report what was deployed.
 
-The loop is deliberately plain - the same few lines a user writes with branchify:
-``out = model(x); loss = okd(out, y); loss.total.backward()``. Metrics are computed on the full
+The step is deliberately plain - the same few lines a user writes with branchify:
+``out = model(x); loss = okd(out, y); loss.total.backward()`` - and it is the recipes' one loop,
+:func:`branchify.recipes.loop.run_epoch` (which :func:`branchify.recipes.regime.train_run` runs
+too), here with DDP slices, autocast and the loss parts logged. Metrics are computed on the full
 test set after each evaluated epoch: the target leaf's accuracy (what ``export()`` deploys),
 the ensemble of all leaves, every leaf, and the peers' diversity.
 """
@@ -21,12 +23,13 @@ import branchify as bf
 from branchify.export import load_state_dict, read_info, save_deployed
 from branchify.metrics import peer_diversity
 
-from ..distributed import is_main, mean_over_ranks, on_main, rank_world
+from ..distributed import is_main, on_main
 from ..utils import autocast
 from . import ddp
 from .checkpoint import CheckpointError, TrainState, load_checkpoint, restore, save_checkpoint
 from .config import RunConfig
 from .data import fake_loaders, make_loaders
+from .loop import run_epoch
 from .progress import progress_bar
 from .zoo import build_model
 
@@ -202,39 +205,23 @@ def _set_train(model: nn.Module, freeze_bn: bool) -> None:
 
 def _train_epoch(cfg: RunConfig, net: nn.Module, state: TrainState, loader, epoch: int, steps: int,
                  device: torch.device, bar) -> dict[str, Any]:
-    """One epoch on this rank's slices of the batches; the epoch's log record (rank-averaged)."""
-    rank, world = rank_world()
-    okd, opt, sched = state.okd, state.optimizer, state.scheduler
+    """One epoch of :func:`~branchify.recipes.loop.run_epoch` on this rank's slices of the batches
+    (the forward under autocast, the loss parts read every 10th step); the epoch's log record
+    (rank-averaged)."""
+    okd = state.okd
     if okd is not None:
         okd.set_epoch(epoch, cfg.epochs)
     loader.set_epoch(epoch)
-    sums: dict[str, float] = {}
-    seen = 0
-    for i, (x, y) in enumerate(loader):
-        if i >= steps:
-            break
-        bar.update(1)
-        part = ddp.shard_batch(x, y, rank, world)
-        if part is None:
-            continue
-        xs, ys, scale = part
+
+    def loss_of(x: torch.Tensor, y: torch.Tensor):
         with autocast(device, torch.bfloat16 if cfg.amp else None):
-            out = net(xs)
-        result = okd(out, ys) if okd is not None else None
-        loss = result.total if result is not None else F.cross_entropy(out.float(), ys)
-        opt.zero_grad(set_to_none=True)
-        (loss if scale == 1.0 else loss * scale).backward()
-        opt.step()
-        sched.step()
-        if i % 10 == 0:  # read the loss (a device sync) on every 10th step only
-            names = ["train_loss", *(sorted(result.parts) if result is not None else [])]
-            values = [loss.detach()] + [torch.as_tensor(result.parts[k]) for k in names[1:]]
-            for k, v in zip(names, torch.stack([v.float().reshape(()).to(loss.device) for v in values]).tolist()):
-                sums[k] = sums.get(k, 0.0) + v
-            seen += 1
-    means = mean_over_ranks(sums, dict.fromkeys(sums, seen))
+            out = net(x)
+        return okd(out, y) if okd is not None else F.cross_entropy(out.float(), y)
+
+    means = run_epoch(loss_of, state.optimizer, state.scheduler, loader, steps=steps, bar=bar, log_every=10,
+                      shard=True).means
     record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": means.pop("train_loss", 0.0),
-                              "lr": sched.get_last_lr()[0]}
+                              "lr": state.scheduler.get_last_lr()[0]}
     if means:
         record["loss_parts"] = means
     return record
