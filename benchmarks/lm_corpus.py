@@ -21,8 +21,10 @@ perplexity is ``exp`` of the mean next-byte NLL (nats) over all predicted bytes.
 
 Each run is a separate process with one thread (``--jobs`` in parallel) and writes
 ``<out>/runs/<method>-seed<k>.json`` when done (finished runs are skipped on a rerun);
-``summary.json`` holds per-method means and the paired differences vs the baseline with their
-standard errors (SE = sample std of the per-seed differences / sqrt(seeds)).
+a finished run is reused only when it was trained with the same settings. ``summary.md`` (the
+table) and ``results.json`` (the machine, the corpus, every run) hold per-method means and the
+paired differences vs the baseline with their standard errors (SE = sample std of the per-seed
+differences / sqrt(seeds)).
 
     python -m benchmarks.lm_corpus --jobs 2 --out benchmarks/results/lm_cpu
 
@@ -38,7 +40,6 @@ import hashlib
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import sysconfig
@@ -46,6 +47,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from .common import machine_info, markdown_table, mean_se, mean_std, paired_differences, write_summary_files
 
 METHODS = ("baseline", "one", "tsa", "dml")
 SKIP_DIRS = {"site-packages", "test", "tests", "idle_test"}
@@ -135,29 +138,51 @@ def train_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     target = model if method == "baseline" else model.export_pretrained()
     return {"method": method, "seed": seed, "val_ppl": perplexity(target, val, args.seq), "train_s": train_s,
             "params_m": sum(p.numel() for p in params) / 1e6, "final_loss": float(loss.detach()), "corpus": info,
-            "config": {k: getattr(args, k) for k in ("steps", "batch", "seq", "hidden", "layers", "lr", "max_files")}}
+            "config": _config(args)}
 
 
 def summarise(runs: list[dict]) -> dict:
     """Per-method mean perplexity and the paired (same-seed) difference to the baseline with its SE."""
-    by = {(r["method"], r["seed"]): r["val_ppl"] for r in runs}
+    by = {m: {r["seed"]: r["val_ppl"] for r in runs if r["method"] == m} for m in METHODS}
     out = {}
     for method in METHODS:
-        seeds = sorted(s for m, s in by if m == method)
-        if not seeds:
+        if not by[method]:
             continue
-        row = {"seeds": seeds, "mean_ppl": statistics.mean(by[method, s] for s in seeds)}
-        paired = [by[method, s] - by["baseline", s] for s in seeds if ("baseline", s) in by]
+        mean, sd = mean_std(list(by[method].values()))
+        row = {"seeds": sorted(by[method]), "mean_ppl": mean, "sd_ppl": sd,
+               "per_seed": [by[method][s] for s in sorted(by[method])]}
+        paired = paired_differences(by[method], by["baseline"])
         if method != "baseline" and paired:
-            row["diff_vs_baseline"] = statistics.mean(paired)
-            row["se"] = statistics.stdev(paired) / math.sqrt(len(paired)) if len(paired) > 1 else None
+            row["diff_vs_baseline"], row["se"] = mean_se(paired)
+            row["paired_seeds"] = len(paired)
         out[method] = row
     return out
+
+
+def markdown(summary: dict) -> str:
+    """The perplexity table: mean ± sd over seeds, the paired difference to the baseline ± SE, per seed."""
+    rows = []
+    for method, r in summary.items():
+        diff = f"{r['diff_vs_baseline']:+.3f} ± {r['se']:.3f}" if "diff_vs_baseline" in r else "-"
+        rows.append([method, len(r["seeds"]), f"{r['mean_ppl']:.3f} ± {r['sd_ppl']:.3f}", diff,
+                     ", ".join(f"{v:.3f}" for v in r["per_seed"])])
+    return markdown_table(["method", "seeds", "val perplexity (mean ± sd)", "paired diff vs baseline (± SE)",
+                           "per seed"], rows)
+
+
+def _config(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in ("steps", "batch", "seq", "hidden", "layers", "lr", "max_files")}
 
 
 def _job(method: str, seed: int, args: argparse.Namespace, out: Path) -> subprocess.Popen | None:
     path = out / "runs" / f"{method}-seed{seed}.json"
     if path.exists():
+        # A finished run is reused only when it was trained with these settings: a table mixing
+        # 1,500- and 2,000-step runs would pair unlike things.
+        done = json.loads(path.read_text())["config"]
+        if done != _config(args):
+            raise ValueError(f"{path} was trained with {done}, not the requested {_config(args)}; "
+                             "delete it or pass another --out")
         return None
     cmd = [sys.executable, "-m", "benchmarks.lm_corpus", "--one", method, str(seed), "--out", str(out)]
     for k in ("steps", "batch", "seq", "hidden", "layers", "lr"):
@@ -202,13 +227,15 @@ def main(argv: list[str] | None = None) -> dict:
                 raise RuntimeError(f"run {proc.args} failed with exit code {proc.returncode}")
             running.remove(proc)
     runs = [json.loads(f.read_text()) for f in sorted((out / "runs").glob("*.json"))]
-    summary = {"summary": summarise(runs), "runs": len(runs),
-               "command": "python -m benchmarks.lm_corpus " + " ".join(argv if argv is not None else sys.argv[1:])}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    for method, row in summary["summary"].items():
-        extra = (f"  diff {row['diff_vs_baseline']:+.3f} (SE {row['se']:.3f})" if row.get("se") is not None
-                 else f"  diff {row['diff_vs_baseline']:+.3f}" if "diff_vs_baseline" in row else "")
-        print(f"{method:9s} ppl {row['mean_ppl']:.3f} over seeds {row['seeds']}{extra}")
+    runs = [r for r in runs if r["config"] == _config(args) and r["method"] in args.methods]
+    command = "python -m benchmarks.lm_corpus " + " ".join(argv if argv is not None else sys.argv[1:])
+    summary = {"summary": summarise(runs), "config": _config(args), "corpus": runs[0]["corpus"] if runs else None,
+               "command": command, "machine": machine_info(torch.device("cpu")),
+               "runs": [{k: r[k] for k in ("method", "seed", "val_ppl", "final_loss", "train_s", "params_m")}
+                        for r in runs]}
+    text = f"`{command}`\n\n" + markdown(summary["summary"])
+    write_summary_files(out, text, summary)
+    print(text)
     return summary
 
 

@@ -1,6 +1,7 @@
 """benchmarks/lm_corpus.py end to end at a tiny size: the stdlib corpus split, one training run per
 kind (plain and branched through the HF wrapper, exported), and the paired summary."""
 import argparse
+import json
 import math
 
 import pytest
@@ -37,3 +38,17 @@ def test_summary_pairs_seeds():
     assert s["baseline"]["mean_ppl"] == 11.0 and "diff_vs_baseline" not in s["baseline"]
     assert s["one"]["diff_vs_baseline"] == pytest.approx(-0.75)
     assert s["one"]["se"] == pytest.approx(abs(-1.0 - -0.5) / math.sqrt(2) / math.sqrt(2))
+    assert s["one"]["per_seed"] == [9.0, 11.5] and s["one"]["paired_seeds"] == 2
+    table = lm_corpus.markdown(s)
+    assert "| one | 2 | 10.250 ± 1.768 | -0.750 ± 0.250 | 9.000, 11.500 |" in table
+
+
+def test_a_finished_run_with_other_settings_is_refused_not_mixed_in(tmp_path):
+    args = _args()
+    (tmp_path / "runs").mkdir()
+    stale = {**lm_corpus._config(args), "steps": args.steps + 1}
+    (tmp_path / "runs" / "one-seed0.json").write_text(json.dumps({"config": stale}))
+    with pytest.raises(ValueError, match="was trained with .* delete it or pass another --out"):
+        lm_corpus._job("one", 0, args, tmp_path)
+    (tmp_path / "runs" / "one-seed0.json").write_text(json.dumps({"config": lm_corpus._config(args)}))
+    assert lm_corpus._job("one", 0, args, tmp_path) is None  # same settings: reused, nothing started
