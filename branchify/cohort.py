@@ -25,11 +25,11 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from branchify.contract import LeafModel
-from branchify.errors import BranchifyError
-from branchify.outputs import BranchedOutput, classifier_logits
-from branchify.spec import INPUT, Spec
-from branchify.views import HasViews
+from .contract import LeafModel
+from .errors import BranchifyError
+from .outputs import BranchedOutput, classifier_logits
+from .spec import INPUT, Spec
+from .views import HasViews
 
 
 class CohortError(BranchifyError, ValueError):
@@ -359,7 +359,7 @@ def check_aggregator(aggregator: nn.Module, names: Sequence[str], feature_dims: 
         Gate needs a shared trunk activation (cuts[()]),
     """
     # Imported here: the aggregators package must stay importable without the cohort module.
-    from branchify.aggregators import Gate, HierarchicalTA, PeerAttention
+    from .aggregators import Gate, HierarchicalTA, PeerAttention
 
     kind = type(aggregator).__name__
     if isinstance(aggregator, (Gate, HierarchicalTA)):

@@ -11,8 +11,8 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from branchify.functional import IGNORE_INDEX
-from branchify.outputs import BranchedOutput
+from .functional import IGNORE_INDEX
+from .outputs import BranchedOutput
 
 Logits = Union[BranchedOutput, Sequence[torch.Tensor]]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from branchify.errors import BranchifyError
+from .errors import BranchifyError
 
 
 class ScheduleError(BranchifyError, ValueError):

@@ -5,19 +5,19 @@ Examples:
     >>> Mean().detach, Gate().detach, Pairwise().detach
     (True, True, True)
 """
-from branchify.aggregators.accuracy_weighted import AccuracyWeighted
-from branchify.aggregators.base import Aggregator, AggregatorError, KDTerm, Targets
-from branchify.aggregators.compose import Compose
-from branchify.aggregators.feature_fusion import FeatureFusion
-from branchify.aggregators.gate import Gate
-from branchify.aggregators.hierarchical_ta import HierarchicalTA
-from branchify.aggregators.hybrid import HybridTeacher
-from branchify.aggregators.mean import Mean
-from branchify.aggregators.pairwise import Pairwise
-from branchify.aggregators.peer_attention import PeerAttention
-from branchify.aggregators.peer_mean import PeerMean
-from branchify.aggregators.temporal_peers import PeerTemporalMean
-from branchify.aggregators.weighted_mean import MinLogit, WeightedMean, fit_ensemble_weights
+from .accuracy_weighted import AccuracyWeighted
+from .base import Aggregator, AggregatorError, KDTerm, Targets
+from .compose import Compose
+from .feature_fusion import FeatureFusion
+from .gate import Gate
+from .hierarchical_ta import HierarchicalTA
+from .hybrid import HybridTeacher
+from .mean import Mean
+from .pairwise import Pairwise
+from .peer_attention import PeerAttention
+from .peer_mean import PeerMean
+from .temporal_peers import PeerTemporalMean
+from .weighted_mean import MinLogit, WeightedMean, fit_ensemble_weights
 
 __all__ = ["AccuracyWeighted", "Aggregator", "AggregatorError", "Compose", "FeatureFusion", "Gate", "HierarchicalTA",
            "HybridTeacher", "KDTerm", "Mean", "MinLogit", "Pairwise", "PeerAttention", "PeerMean", "PeerTemporalMean",

@@ -5,8 +5,8 @@ from typing import Sequence
 
 import torch
 
-from branchify.aggregators.base import Aggregator, AggregatorError, KDTerm, Targets
-from branchify.outputs import BranchedOutput
+from ..outputs import BranchedOutput
+from .base import Aggregator, AggregatorError, KDTerm, Targets
 
 
 def accuracy_weights(accuracies: Sequence[float]) -> list[float]:

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from branchify.errors import BranchifyError
-from branchify.outputs import BranchedOutput, KDTerm, Targets  # noqa: F401  (KDTerm: re-exported for aggregators)
+from ..errors import BranchifyError
+from ..outputs import BranchedOutput, KDTerm, Targets  # noqa: F401  (KDTerm: re-exported for aggregators)
 
 
 class AggregatorError(BranchifyError, ValueError):

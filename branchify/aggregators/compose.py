@@ -5,8 +5,8 @@ from dataclasses import replace
 
 from torch import nn
 
-from branchify.aggregators.base import Aggregator, AggregatorError, Targets
-from branchify.outputs import BranchedOutput
+from ..outputs import BranchedOutput
+from .base import Aggregator, AggregatorError, Targets
 
 
 class Compose(Aggregator):

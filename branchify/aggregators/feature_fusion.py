@@ -6,8 +6,8 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
-from branchify.aggregators.base import Aggregator, AggregatorError, KDTerm, Targets, _model_attr, pool, require_size
-from branchify.outputs import BranchedOutput
+from ..outputs import BranchedOutput
+from .base import Aggregator, AggregatorError, KDTerm, Targets, _model_attr, pool, require_size
 
 SOURCES = ("auto", "features", "feature_maps")
 

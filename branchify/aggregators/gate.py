@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import branchify.token_chunks as token_chunks
-from branchify.aggregators.base import Aggregator, AggregatorError, KDTerm, Targets, _model_attr, pool, require_size
-from branchify.outputs import BranchedOutput, LinearTeacher
-from branchify.tree import TreePath, segment_key
+from .. import token_chunks
+from ..outputs import BranchedOutput, LinearTeacher
+from ..tree import TreePath, segment_key
+from .base import Aggregator, AggregatorError, KDTerm, Targets, _model_attr, pool, require_size
 
 
 def _per_sample(weight: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -32,7 +32,7 @@ def _next_block(gm: nn.Module, layer: str) -> str | None:
 
 def _check_cut_readable(model, cut: TreePath) -> None:
     """Raise when the first layer reading ``cuts[cut]`` reads it reshaped (its width need not be the cut's)."""
-    from branchify.surgery.widths import regrouped_width
+    from ..surgery.widths import regrouped_width
 
     layout, segments = getattr(model, "layout", None), getattr(model, "segments", None)
     children = getattr(layout, "children", {}).get(cut) if segments is not None else None

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from branchify.aggregators.base import Aggregator, AggregatorError, KDTerm, Targets, _model_attr, require_size
-from branchify.aggregators.gate import _per_sample
-from branchify.outputs import BranchedOutput
+from ..outputs import BranchedOutput
+from .base import Aggregator, AggregatorError, KDTerm, Targets, _model_attr, require_size
+from .gate import _per_sample
 
 
 class _Fusion(nn.Module):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from branchify.aggregators.base import Aggregator, AggregatorError, KDTerm, Targets
-from branchify.outputs import BranchedOutput
+from ..outputs import BranchedOutput
+from .base import Aggregator, AggregatorError, KDTerm, Targets
 
 
 class HybridTeacher(Aggregator):

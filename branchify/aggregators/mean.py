@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from branchify.aggregators.base import Aggregator, KDTerm, Targets
-from branchify.outputs import BranchedOutput
+from ..outputs import BranchedOutput
+from .base import Aggregator, KDTerm, Targets
 
 
 class Mean(Aggregator):

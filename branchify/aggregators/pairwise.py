@@ -1,8 +1,8 @@
 """Pairwise peer distillation: every leaf learns from every other leaf (DML, TSA)."""
 from __future__ import annotations
 
-from branchify.aggregators.base import Aggregator, KDTerm, Targets
-from branchify.outputs import BranchedOutput
+from ..outputs import BranchedOutput
+from .base import Aggregator, KDTerm, Targets
 
 
 class Pairwise(Aggregator):

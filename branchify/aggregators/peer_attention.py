@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from branchify.aggregators.base import Aggregator, AggregatorError, KDTerm, Targets, _model_attr, pool, require_size
-from branchify.outputs import BranchedOutput
+from ..outputs import BranchedOutput
+from .base import Aggregator, AggregatorError, KDTerm, Targets, _model_attr, pool, require_size
 
 SPACES = ("logits", "prob")
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from branchify.aggregators.base import Aggregator, AggregatorError, KDTerm, Targets
-from branchify.outputs import BranchedOutput
+from ..outputs import BranchedOutput
+from .base import Aggregator, AggregatorError, KDTerm, Targets
 
 WHOSE = ("others", "own", "all")
 

@@ -6,8 +6,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from branchify.aggregators.base import Aggregator, AggregatorError, KDTerm, Targets
-from branchify.outputs import BranchedOutput
+from ..outputs import BranchedOutput
+from .base import Aggregator, AggregatorError, KDTerm, Targets
 
 
 def _as_weights(weights: Sequence[float]) -> torch.Tensor:

@@ -126,7 +126,7 @@ class CodistillOptions:
 
 
 def _aggregator(name: str) -> nn.Module:
-    from branchify.methods.common import ENSEMBLE  # the presets' ensemble= names: one value, one aggregator
+    from ..methods.common import ENSEMBLE  # the presets' ensemble= names: one value, one aggregator
 
     return ENSEMBLE[name]()
 
@@ -337,7 +337,7 @@ def check_configs(config: dict[str, Any], group: Any = None) -> None:
     Examples:
         >>> check_configs({"lr": 0.1})          # one process: nothing to compare
     """
-    from branchify.distributed.env import gather_objects
+    from .env import gather_objects
 
     problem = config_mismatch(gather_objects(config, group))
     if problem:

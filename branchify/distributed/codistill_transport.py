@@ -35,7 +35,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from branchify.distributed.codistill import CodistillOptions, payload_bytes
+from .codistill import CodistillOptions, payload_bytes
 
 
 class _Counting:
@@ -180,7 +180,7 @@ class FileTransport(_Counting):
         except (FileNotFoundError, RuntimeError, EOFError):
             return None  # deleted by its writer meanwhile: the caller looks again
         if snap.get("fingerprint") != self.fingerprint:
-            from branchify.distributed.codistill import CodistillError
+            from .codistill import CodistillError
 
             raise CodistillError(f"group {g}'s snapshot {self._path(g, step)} comes from a different config "
                                  f"(fingerprint {snap.get('fingerprint')} vs {self.fingerprint}); every group of "

@@ -106,7 +106,7 @@ class DistributedCohort(LeafModel):
         PeerAttention without exchanged features."""
         check_aggregator(aggregator, self.names, self.global_feature_dims, projected=False,
                          where="a local Cohort(peers, project_features=<width>) on every rank")
-        from branchify.aggregators import PeerAttention
+        from ..aggregators import PeerAttention
 
         if isinstance(aggregator, PeerAttention) and not self.gather_features:
             raise CohortError(f"{type(aggregator).__name__} reads the peers' features; build the DistributedCohort "

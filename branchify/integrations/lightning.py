@@ -52,9 +52,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without lightnin
     raise ImportError("branchify.integrations.lightning needs PyTorch Lightning 2.x: "
                       "pip install 'branchify[lightning]'") from exc
 
-from branchify.contract import LeafModel
-from branchify.export import INFO_FILE, WEIGHTS, load_deployed, save_deployed
-from branchify.online_kd import LossOutput, OnlineKD
+from ..contract import LeafModel
+from ..export import INFO_FILE, WEIGHTS, load_deployed, save_deployed
+from ..online_kd import LossOutput, OnlineKD
 
 __all__ = ["BranchifyCallback", "CHECKPOINT_KEY", "OnlineKDModule", "PARTS_KEY", "load_target", "save_target",
            "step_output"]

@@ -33,9 +33,9 @@ from typing import Any, Callable
 
 from torch import nn
 
-from branchify.registry import Plugin
-from branchify.surgery.pretrained import looks_trained
-from branchify.surgery.tracing import Tracer
+from ..registry import Plugin
+from ..surgery.pretrained import looks_trained
+from ..surgery.tracing import Tracer
 
 
 def _is_timm_class(cls: type) -> bool:

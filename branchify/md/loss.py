@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from branchify.errors import BranchifyError
-from branchify.functional import cross_entropy, kl_div_probs
-from branchify.online_kd import LossOutput
-from branchify.schedules import IntervalPhase
+from ..errors import BranchifyError
+from ..functional import cross_entropy, kl_div_probs
+from ..online_kd import LossOutput
+from ..schedules import IntervalPhase
 
 
 class MDError(BranchifyError, ValueError):

@@ -144,7 +144,7 @@ def run_comparison(base: RunConfig, methods: list[str], seeds: list[int], out: s
     rows = summarise(results.runs)
     specs: dict[str, Any] = {}
     if main_rank and plots:
-        from branchify.viz import draw_trees, plot_curves
+        from ..viz import draw_trees, plot_curves
 
         histories = {m: [r.history for r in results.runs if r.config["method"] == m] for m in methods}
         plot_curves(histories, out / "accuracy.png")

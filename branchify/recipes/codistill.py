@@ -29,9 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from branchify.distributed.codistill import CodistillOptions, CodistillPeer, allreduce_bytes, exchange_due
-from branchify.distributed.env import comm_device
-
+from ..distributed.codistill import CodistillOptions, CodistillPeer, allreduce_bytes, exchange_due
+from ..distributed.env import comm_device
 from . import codistill_fsdp as fsdp
 from . import ddp
 from .checkpoint import TrainState, save_checkpoint
@@ -52,7 +51,7 @@ def options_of(cfg: RunConfig) -> CodistillOptions:
     """The :class:`CodistillOptions` stored in ``cfg.method_args`` (unknown keys are an error)."""
     from dataclasses import fields
 
-    from branchify.distributed.codistill import CodistillError
+    from ..distributed.codistill import CodistillError
 
     names = {f.name for f in fields(CodistillOptions)}
     unknown = sorted(set(cfg.method_args) - names - set(EXTRA_KEYS))
@@ -64,7 +63,7 @@ def options_of(cfg: RunConfig) -> CodistillOptions:
 
 def models_of(cfg: RunConfig, groups: int) -> list[str]:
     """Each group's architecture: ``method_args.models`` (one name per group) or ``cfg.model``."""
-    from branchify.distributed.codistill import CodistillError
+    from ..distributed.codistill import CodistillError
 
     models = cfg.method_args.get("models") or [cfg.model] * groups
     if isinstance(models, str):
@@ -115,8 +114,8 @@ def _wrap(model: nn.Module, ctx: GroupContext, device: torch.device) -> nn.Modul
 def _check_same_start(start: int, group: int) -> None:
     """Groups that exchange through collectives must resume from the same epoch: otherwise one
     group would finish while the others still wait in its collectives. Fails on every rank."""
-    from branchify.distributed.codistill import CodistillError
-    from branchify.distributed.env import gather_objects
+    from ..distributed.codistill import CodistillError
+    from ..distributed.env import gather_objects
 
     starts = gather_objects((group, start))
     if len({s for _, s in starts}) > 1:

@@ -37,10 +37,9 @@ from typing import Any, Callable
 
 import torch
 
-from branchify.distributed.codistill import CodistillError, check_configs
-from branchify.distributed.codistill_transport import CollectiveTransport, FileTransport
-
 from ..distributed import barrier, launched_by_torchrun, on_main, shutdown
+from ..distributed.codistill import CodistillError, check_configs
+from ..distributed.codistill_transport import CollectiveTransport, FileTransport
 from . import ddp
 from .checkpoint import CheckpointError, atomic_write_text
 from .codistill import GroupContext, fingerprint, models_of, options_of, train_group
@@ -215,8 +214,7 @@ def load_ensemble(run_dir: str | Path, groups: int | None = None) -> torch.nn.Mo
         >>> ens = load_ensemble("runs/codistill")          # doctest: +SKIP
         >>> probs = ens(x)                                 # doctest: +SKIP
     """
-    from branchify.cohort import CohortEnsemble
-
+    from ..cohort import CohortEnsemble
     from .train import load_exported
 
     run_dir = Path(run_dir)

@@ -24,8 +24,7 @@ from typing import Any
 
 import torch
 
-from branchify.export import load_deployed, save_deployed
-
+from ..export import load_deployed, save_deployed
 from .demo_report import REFERENCE, estimate, report
 from .regime import CPU_REGIME, BranchifyTrainee, PlainTrainee, Regime, load_data, train_run
 
@@ -46,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_methods(names: list[str]) -> None:
     """Every name must be ``baseline`` or a preset: fail before anything trains, naming the nearest."""
-    from branchify.methods import get_preset
+    from ..methods import get_preset
 
     if not names or names[0] != "baseline":
         raise SystemExit("--methods must start with baseline (every method is compared with it)")

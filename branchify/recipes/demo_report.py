@@ -95,7 +95,7 @@ ONE_SEED = ("One seed shows what one run of each method does on this data; it ca
 
 def report(records: list[dict], regime: Regime, seed: int, wall: float, out: Path, *, smoke: bool = False) -> str:
     """Write summary.md, results.json and the plots into ``out``; return the text to print."""
-    from branchify import Spec, viz
+    from .. import Spec, viz
 
     rows = _rows(records)
     head = (f"{regime.name}, seed {seed}: test accuracy (%) of the deployed model on "

@@ -47,7 +47,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from branchify.recipes.tables import fixed_width_table
+from .tables import fixed_width_table
 
 DEFAULTS = {
     "classify": {"model": "prajjwal1/bert-tiny", "dataset": "glue", "config": "sst2", "text_field": "sentence",
@@ -218,7 +218,7 @@ def run_method(method: str, args: argparse.Namespace, tokenizer: Any, train: Any
     """Fine-tune one method with the unchanged Trainer; return its results row."""
     import transformers as T
 
-    from branchify.integrations.hf import BranchifyCallback, branchify_hf
+    from ..integrations.hf import BranchifyCallback, branchify_hf
 
     out = Path(args.out) / args.task / method
     source = args.model

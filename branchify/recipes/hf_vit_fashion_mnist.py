@@ -35,8 +35,8 @@ from typing import Any, Sequence
 
 import torch
 
-from branchify.recipes.data import DATASETS, load_fashion_mnist
-from branchify.recipes.tables import fixed_width_table
+from .data import DATASETS, load_fashion_mnist
+from .tables import fixed_width_table
 
 META = DATASETS["fashion_mnist"]
 METHOD_SPLITS = {
@@ -124,7 +124,7 @@ def run_method(method: str, train: ImageDataset, test: ImageDataset, args: argpa
     """Train one method with the unchanged Trainer; return its row of the results table."""
     from transformers import Trainer, ViTForImageClassification
 
-    from branchify.integrations.hf import BranchifyCallback, branchify_hf
+    from ..integrations.hf import BranchifyCallback, branchify_hf
 
     out = Path(args.out) / method
     if args.pretrained:

@@ -42,10 +42,10 @@ from typing import Any
 import torch
 
 import branchify as bf
-from branchify.distributed import assign_peers, init_from_env
-from branchify.md import CollectiveExchange, LocalExchange, MDTrainer
-from branchify.schedules import IntervalSchedule
 
+from ..distributed import assign_peers, init_from_env
+from ..md import CollectiveExchange, LocalExchange, MDTrainer
+from ..schedules import IntervalSchedule
 from .data import DATASETS, TensorLoader, load_cifar, load_fashion_mnist, stratified_subset
 from .rundir import machine
 from .zoo import build_model, count_parameters

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from branchify.errors import BranchifyError
-from branchify.methods import MethodError, available_methods, get_preset, nearest
-
+from ..errors import BranchifyError
+from ..methods import MethodError, available_methods, get_preset, nearest
 from .config import RunConfig
 from .data import DATASETS
 from .zoo import MODELS

@@ -69,7 +69,7 @@ def load_data(regime: Regime, seed: int, root: str | None = None, *, augment: bo
 
     ``augment=False`` leaves the augmentation to the model (per-leaf views, see :func:`peer_views`).
     """
-    from branchify.recipes.data import DATASETS, TensorLoader, load_fashion_mnist
+    from .data import DATASETS, TensorLoader, load_fashion_mnist
 
     meta = DATASETS["fashion_mnist"]
     x, y, xt, yt = load_fashion_mnist(root, regime.train_size, seed)
@@ -88,8 +88,8 @@ def load_data(regime: Regime, seed: int, root: str | None = None, *, augment: bo
 
 def peer_views(regime: Regime):
     """The regime's crop + flip as per-leaf views on normalised batches (``bf.views.crop_flip``)."""
-    from branchify.recipes.data import DATASETS
-    from branchify.views import crop_flip
+    from ..views import crop_flip
+    from .data import DATASETS
 
     meta = DATASETS["fashion_mnist"]
     return crop_flip(regime.crop_padding, fill=-meta.mean[0] / meta.std[0])
@@ -97,7 +97,7 @@ def peer_views(regime: Regime):
 
 def net_fn(regime: Regime) -> Callable[[], nn.Module]:
     """A factory of the regime's CIFAR ResNet (the architecture's own init)."""
-    from branchify.recipes.zoo import CifarResNet
+    from .zoo import CifarResNet
 
     return lambda: CifarResNet(regime.depth, num_classes=10, in_channels=1)
 

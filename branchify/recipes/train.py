@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import branchify as bf
-from branchify.export import load_state_dict, read_info, save_deployed
-from branchify.metrics import peer_diversity
 
 from ..distributed import is_main, on_main
+from ..export import load_state_dict, read_info, save_deployed
+from ..metrics import peer_diversity
 from ..utils import autocast
 from . import ddp
 from .checkpoint import CheckpointError, TrainState, load_checkpoint, restore, save_checkpoint

@@ -39,6 +39,7 @@ def _is_type_checking(node: ast.If) -> bool:
 def _imports(path: Path, root: Path = ROOT, *, type_only: bool = False) -> set[str]:
     """Absolute names of every module ``path`` imports (at any depth); imports under
     ``if TYPE_CHECKING:`` only with ``type_only``."""
+    known = {_module_name(p, root) for p in root.rglob("*.py")}
     module = _module_name(path, root)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
@@ -58,8 +59,10 @@ def _imports(path: Path, root: Path = ROOT, *, type_only: bool = False) -> set[s
                     target = ".".join(base + ([child.module] if child.module else []))
                 else:
                     target = child.module or ""
-                found.add(target)
-                found.update(f"{target}.{a.name}" for a in child.names)  # "from pkg import submodule"
+                # "from pkg import submodule" depends on the submodule (pkg, its parent, is already being
+                # imported); "from pkg import name" on pkg itself, whose __init__ must have run.
+                subs = {f"{target}.{a.name}" for a in child.names}
+                found.update(subs if subs <= known else subs | {target})
             visit(child)
 
     visit(ast.parse(path.read_text()))

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from branchify.surgery.tracing import TraceError
+from ...surgery.tracing import TraceError
 
 WRAPPER_ATTR = "hf_model"
 """Name of the traced HF model inside the tracing wrapper (stripped from the final graph)."""

@@ -15,12 +15,11 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from branchify.build import branchify
-from branchify.methods import resolve
-from branchify.methods.presets import apply_model_options
-from branchify.online_kd import OnlineKD
-from branchify.surgery.default_split import default_splits, pick_blocks
-
+from ...build import branchify
+from ...methods import resolve
+from ...methods.presets import apply_model_options
+from ...online_kd import OnlineKD
+from ...surgery.default_split import default_splits, pick_blocks
 from .leaves import coarse_leaf_paths
 from .tracer import HFTracer
 from .wrapper import BranchedHFModel

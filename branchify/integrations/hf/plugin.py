@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from branchify.registry import Plugin
+from ...registry import Plugin
 
 if TYPE_CHECKING:
     from .tracer import HFTracer

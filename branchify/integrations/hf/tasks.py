@@ -17,7 +17,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from branchify.outputs import BranchedOutput
+from ...outputs import BranchedOutput
 
 TASKS = ("classification", "token", "causal", "seq2seq")
 

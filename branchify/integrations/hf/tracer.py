@@ -68,8 +68,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from branchify.surgery.tracing import Tracer
-
+from ...surgery.tracing import Tracer
 from .graph_passes import anchor_unreferenced_state, move_wrapper_constants, root_view, strip_graph
 from .guards import Guard, find_guard, record_guard
 from .inputs import (

@@ -31,12 +31,11 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 
-from branchify.distributed import mean_over_ranks
-from branchify.export import write_info
-from branchify.model import BranchedModel
-from branchify.online_kd import LossOutput, OnlineKD
-from branchify.outputs import BranchedOutput
-
+from ...distributed import mean_over_ranks
+from ...export import write_info
+from ...model import BranchedModel
+from ...online_kd import LossOutput, OnlineKD
+from ...outputs import BranchedOutput
 from .tasks import TASKS, infer_task, shift_output, shift_right, tie_groups, unalias_state_dict
 
 __all__ = ["BranchedHFModel"]

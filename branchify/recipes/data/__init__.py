@@ -16,8 +16,8 @@ Where the data comes from:
 
 from __future__ import annotations
 
-from branchify.recipes.data.loader import TensorLoader, fake_loaders, make_loaders
-from branchify.recipes.data.sources import (
+from .loader import TensorLoader, fake_loaders, make_loaders
+from .sources import (
     DATASETS,
     ENV_DATA,
     ENV_FASHION_MNIST,

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from branchify.recipes.data.sources import DatasetMeta, _dataset_meta, load_cifar, load_fashion_mnist
+from .sources import DatasetMeta, _dataset_meta, load_cifar, load_fashion_mnist
 
 
 class TensorLoader:
