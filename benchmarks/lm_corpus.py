@@ -26,12 +26,12 @@ table) and ``results.json`` (the machine, the corpus, every run) hold per-method
 paired differences vs the baseline with their standard errors (SE = sample std of the per-seed
 differences / sqrt(seeds)).
 
-    python -m benchmarks.lm_corpus --jobs 2 --out benchmarks/results/lm_cpu
+    python -m benchmarks.lm_corpus --seeds 0 1 2 3 4 --steps 2000 --jobs 2 --out benchmarks/results/lm_cpu
 
-Cost, measured as CPU time per training step at the defaults (batch 8 x 128 bytes): baseline
-0.12 s, ONE 0.18 s, TSA 0.26 s, DML ~0.20 s, plus ~40 s to score the validation set: about 55 CPU
-minutes per seed for the four methods at 4,000 steps, so ~80 minutes for 3 seeds on an idle
-2-core machine with ``--jobs 2`` (much longer on a shared one).
+(those are the defaults). Cost, measured as training time of 2,000 steps (batch 8 x 128 bytes) on one
+thread: baseline ~290 s, ONE ~480 s, DML ~540 s, TSA ~650 s when two runs share an otherwise idle
+2-core machine (up to 1.7x that with other work on it), plus ~60 s each to score the validation
+set: about 15 minutes of wall time per seed for the four methods with ``--jobs 2``.
 """
 from __future__ import annotations
 
@@ -196,8 +196,8 @@ def _job(method: str, seed: int, args: argparse.Namespace, out: Path) -> subproc
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--hidden", type=int, default=128)
