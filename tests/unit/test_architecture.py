@@ -13,6 +13,7 @@ runs each one on a small package written to break it, so a check that can no lon
 from __future__ import annotations
 
 import ast
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -36,10 +37,16 @@ def _is_type_checking(node: ast.If) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
+@functools.lru_cache(maxsize=None)
+def _module_names(root: Path) -> frozenset[str]:
+    """Every module name under ``root``, listed once per root (``_imports`` asks for each file)."""
+    return frozenset(_module_name(p, root) for p in root.rglob("*.py"))
+
+
 def _imports(path: Path, root: Path = ROOT, *, type_only: bool = False) -> set[str]:
     """Absolute names of every module ``path`` imports (at any depth); imports under
     ``if TYPE_CHECKING:`` only with ``type_only``."""
-    known = {_module_name(p, root) for p in root.rglob("*.py")}
+    known = _module_names(root)
     module = _module_name(path, root)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
