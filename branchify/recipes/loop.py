@@ -81,7 +81,7 @@ def run_epoch(loss_of: LossOf, optimizer: torch.optim.Optimizer, scheduler: Any,
             _add_logged(sums, loss, getattr(result, "parts", None) or {})
             logged += 1
     counts = dict.fromkeys(sums, logged)
-    means = mean_over_ranks(sums, counts) if shard else {k: float(v) / counts[k] for k, v in sums.items() if logged}
+    means = mean_over_ranks(sums, counts) if shard else {k: v / counts[k] for k, v in sums.items()}
     return EpochStats(means=means, steps=taken, last_loss=last)
 
 
